@@ -1,0 +1,1 @@
+"""Numerical kernels of the backbones: pure-PyTorch references and lazy CUDA dispatch."""
