@@ -1,0 +1,64 @@
+"""Run records: atomic writes, environment, validation, corrupt files skipped; memory sampler."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from wmbench.measure import PeakMemory, median, metric, time_calls
+from wmbench.records import atomic_write_text, environment, load_records, make_record, write_record
+
+
+def test_record_roundtrip(tmp_path):
+    rec = make_record("bench", {"a": 1}, {"t": metric(1.5, "ms", "median")})
+    path = write_record(rec, tmp_path, name="r1")
+    loaded = load_records(tmp_path)
+    assert len(loaded) == 1 and loaded[0]["config"] == {"a": 1}
+    assert loaded[0]["metrics"]["t"] == {"value": 1.5, "unit": "ms", "method": "median"}
+    assert path.name == "r1.json"
+    env = loaded[0]["environment"]
+    for key in ("wmbench_version", "git_commit", "torch", "device", "cpu_model", "torch_threads"):
+        assert key in env
+
+
+def test_corrupt_and_foreign_records_skipped(tmp_path):
+    write_record(make_record("bench", {}, {}), tmp_path, name="good")
+    (tmp_path / "truncated.json").write_text('{"schema_version": 1, "kind": "be')
+    (tmp_path / "foreign.json").write_text(json.dumps({"hello": 1}))
+    with pytest.warns(UserWarning, match="skipping"):
+        recs = load_records(tmp_path)
+    assert [r["kind"] for r in recs] == ["bench"]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "x.json"
+    atomic_write_text(p, "old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(p, "new")
+    assert p.read_text() == "old"
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_peak_memory_sees_numpy_allocation():
+    with PeakMemory("cpu") as pm:
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        a += 1
+        del a
+    assert pm.method == "rss_sampler"
+    assert 48 * 2**20 < pm.peak_bytes < 256 * 2**20
+
+
+def test_time_calls_counts_iters():
+    calls = []
+    ts = time_calls(lambda: calls.append(1), warmup=2, iters=3)
+    assert len(ts) == 3 and len(calls) == 5 and median(ts) >= 0
+
+
+def test_environment_cpu():
+    env = environment("cpu")
+    assert env["device"] == "cpu" and env["device_name"] == env["cpu_model"]

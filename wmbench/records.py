@@ -1,0 +1,156 @@
+"""Run records: one JSON file per run, written atomically, carrying config + environment + metrics.
+
+Schema (version 1):
+    {"schema_version": 1, "kind": "bench" | "gridworld" | "atari", "created_at": ISO-8601 UTC,
+     "config": {...full resolved config...}, "environment": {...}, "metrics": {name: {"value", "unit",
+     "method"?, ...}}, ...extra top-level fields}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _git_commit() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty if commit else None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """Everything needed to interpret a number: versions, commit, hardware, threads."""
+    import numpy
+
+    import wmbench
+
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "wmbench_version": wmbench.__version__,
+        **_git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu_model"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["device_name"] = env["gpu_model"]
+    else:
+        env["device_name"] = env["cpu_model"]
+    return env
+
+
+def make_record(kind: str, config: dict, metrics: dict, extra: dict | None = None,
+                device: torch.device | str = "cpu") -> dict:
+    rec = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "environment": environment(device),
+        "metrics": metrics,
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", name: str | None = None) -> Path:
+    if name is None:
+        stamp = record.get("created_at", "").replace(":", "").replace("-", "").replace("+0000", "")
+        name = f"{record.get('kind', 'run')}-{stamp}-{os.getpid()}"
+    path = Path(runs_dir) / f"{name}.json"
+    return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any):
+    if isinstance(o, (torch.dtype, torch.device, Path)):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def validate_record(rec: Any) -> None:
+    if not isinstance(rec, dict):
+        raise ValueError("record is not a JSON object")
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        raise ValueError(f"record lacks field(s) {', '.join(missing)}")
+    if rec["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"unsupported schema_version {rec['schema_version']!r} (expected {SCHEMA_VERSION})")
+
+
+def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None = None) -> list[dict]:
+    """All valid records under `runs_dir`; corrupt or foreign files are skipped with a warning."""
+    out = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+            validate_record(rec)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"skipping {path}: {e}")
+            continue
+        if kind is None or rec["kind"] == kind:
+            rec["_path"] = str(path)
+            out.append(rec)
+    return out
