@@ -101,7 +101,80 @@ def _presets() -> list[str]:
     return out
 
 
-COMMANDS = [_add_bench, _add_list]
+def _add_run(sub):
+    p = sub.add_parser("run", help="one benchmark cell: train a backbone on a task, measure it, write run records")
+    p.add_argument("--backbone", default="mamba2")
+    p.add_argument("--task", default="gridworld")
+    p.add_argument("--len", dest="seq_len", type=int, default=1664, help="sequence length in tokens")
+    p.add_argument("--seeds", type=_csv(int), default=[0])
+    p.add_argument("--preset", default="cpu", help="configuration preset (see `wmbench list`)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", dest="batch_size", type=int)
+    p.add_argument("--d-model", dest="d_model", type=int)
+    p.add_argument("--layers", dest="n_layers", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-sequences", dest="eval_sequences", type=int)
+    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--device")
+    p.add_argument("--runs-dir", default="results/runs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom_type = getattr(__import__("torch"), "OutOfMemoryError", ())
+    return isinstance(e, (MemoryError,) + ((oom_type,) if oom_type else ())) or "out of memory" in str(e).lower()
+
+
+def _cmd_run(a) -> int:
+    from wmbench.harness import check_config, make_config, summary_lines, train_and_evaluate
+    from wmbench.records import make_record, write_record
+
+    if a.task != "gridworld":
+        import wmbench
+        wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
+        raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld")
+    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
+                                            "eval_sequences", "dtype", "device")}
+    cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s, **overrides)
+            for s in a.seeds]
+    for cfg in cfgs:                       # every seed's config is valid before any work starts
+        check_config(cfg)
+        _check_sizes([cfg.backbone], cfg.d_model, cfg.n_layers, **cfg.backbone_options)
+    for cfg in cfgs:
+        status = "ok"
+        try:
+            metrics = train_and_evaluate(cfg, progress=not a.no_progress)
+        except Exception as e:  # noqa: BLE001 - a real OOM is a result (the paper's Table 2 reports it)
+            if not _is_oom(e):
+                raise
+            status, metrics = "OOM", {}
+        rec = make_record("gridworld", cfg.to_dict(), metrics, extra={"status": status}, device=cfg.device)
+        path = write_record(rec, a.runs_dir, name=f"gridworld-{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-"
+                            + rec["created_at"].replace(":", "").replace("-", "")[:15])
+        if status == "ok":
+            print("\n".join(summary_lines(cfg, metrics)))
+        else:
+            print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: out of memory")
+        print(f"record: {path}")
+    return 0
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="tables and plots from all run records")
+    p.add_argument("--runs-dir", default="results/runs")
+    p.add_argument("--out", default="results", help="writes OUT/tables and OUT/plots")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(a) -> int:
+    from wmbench.report import build_report
+    for path in build_report(a.runs_dir, a.out):
+        print(path)
+    return 0
+
+
+COMMANDS = [_add_run, _add_bench, _add_report, _add_list]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,209 @@
+"""`wmbench report`: tables and plots from the run records under results/runs/.
+
+Grid world -> results/tables/gridworld.{md,csv} laid out like the paper's Table 2 (method x length:
+train ms/step, memory, error mean ± std over seeds) with the paper's values in adjacent columns, and
+plots under results/plots/. Bench records -> results/tables/bench.md. Atari records -> atari.md.
+The report reads nothing but the records (and the paper's numbers shipped in wmbench/data).
+"""
+from __future__ import annotations
+
+import io
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wmbench.records import atomic_write_bytes, atomic_write_text, load_records
+
+ORDER = ["mamba2", "mamba", "gru", "transformer"]
+GIB8 = 8 * 2**30  # the paper reports memory as % of an 8 GB GPU
+
+
+def paper_table2() -> pd.DataFrame:
+    with resources.files("wmbench").joinpath("data/gridworld_table2.csv").open() as f:
+        df = pd.read_csv(f)
+    return df.rename(columns={"method": "backbone"})
+
+
+def _value(rec: dict, name: str) -> float:
+    m = rec.get("metrics", {}).get(name)
+    return float(m["value"]) if isinstance(m, dict) and m.get("value") is not None else math.nan
+
+
+def gridworld_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per run record (per seed)."""
+    rows = []
+    for r in records:
+        c = r["config"]
+        rows.append({
+            "backbone": c.get("backbone"), "seq_len": int(c.get("seq_len")), "seed": c.get("seed"),
+            "status": r.get("status", "ok"), "device_name": r["environment"].get("device_name"),
+            "train_ms": _value(r, "train_ms_per_step"), "peak_mib": _value(r, "peak_memory") / 2**20,
+            "memory_method": r.get("metrics", {}).get("peak_memory", {}).get("method"),
+            "error": _value(r, "error_pct"), "error_predictable": _value(r, "error_pct_predictable"),
+            "floor": _value(r, "oracle_error_pct"), "tokens_per_s": _value(r, "tokens_per_s"),
+            "imagine_ms_per_token": _value(r, "imagine_ms_per_token"),
+            "teacher_forced_error": _value(r, "teacher_forced_error_pct"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _std(x: pd.Series) -> float:
+    x = x.dropna()
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate over seeds; join the paper's numbers."""
+    rows = []
+    for (b, n), g in df.groupby(["backbone", "seq_len"]):
+        ok = g[g.status == "ok"]
+        oom = len(ok) == 0 and (g.status == "OOM").any()
+        rows.append({
+            "backbone": b, "seq_len": n, "seeds": len(ok),
+            "train_ms": np.nan if oom else ok.train_ms.mean(),
+            "memory_mib": np.nan if oom else ok.peak_mib.mean(),
+            "memory_pct_8GiB": np.nan if oom else 100 * ok.peak_mib.mean() * 2**20 / GIB8,
+            "error_mean": ok.error.mean() if len(ok) else np.nan, "error_std": _std(ok.error),
+            "error_pred_mean": ok.error_predictable.mean() if len(ok) else np.nan,
+            "error_pred_std": _std(ok.error_predictable),
+            "floor": ok.floor.mean() if len(ok) else np.nan,
+            "imagine_ms_per_token": ok.imagine_ms_per_token.mean() if len(ok) else np.nan,
+            "tokens_per_s": ok.tokens_per_s.mean() if len(ok) else np.nan,
+            "status": "OOM" if oom else "ok",
+        })
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    paper = paper_table2().rename(columns={
+        "train_ms_per_step": "paper_train_ms", "memory_pct_of_8GiB": "paper_memory_pct_8GB",
+        "error_pct_mean": "paper_error_mean", "error_pct_std": "paper_error_std"})
+    out = out.merge(paper, on=["backbone", "seq_len"], how="left")
+    out["_o"] = out.backbone.map({b: i for i, b in enumerate(ORDER)}).fillna(len(ORDER))
+    return out.sort_values(["seq_len", "_o", "backbone"]).drop(columns="_o").reset_index(drop=True)
+
+
+def _pm(mean, std, fmt="{:.1f}") -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    return (fmt + " ± " + fmt).format(mean, std)
+
+
+def _num(v, fmt="{:.0f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, str):
+        return v
+    return fmt.format(v)
+
+
+def gridworld_markdown(table: pd.DataFrame, hardware: list[str]) -> str:
+    lines = [
+        "# Grid world (paper Table 2)", "",
+        f"Ours: {', '.join(hardware) or 'unknown hardware'}. Paper: a laptop GPU (memory as % of 8 GB). "
+        "Error (%) = mean(E_g, E_l) over imagined frames, mean ± sample std over seeds; "
+        "'floor' is the perfect-dynamics oracle on the same frames (re-spawns are unpredictable); "
+        "'pred.' is the error on predictable frames only.", "",
+        "| backbone | L | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % | paper error % "
+        "| floor % | error % pred. | imagine ms/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.itertuples():
+        oom = r.status == "OOM"
+        mem = "OOM" if oom else f"{r.memory_mib:,.0f} ({r.memory_pct_8GiB:.0f}%)"
+        paper_mem = r.paper_memory_pct_8GB if isinstance(r.paper_memory_pct_8GB, str) else _num(r.paper_memory_pct_8GB)
+        lines.append(
+            f"| {r.backbone} | {r.seq_len} | {r.seeds} | {'OOM' if oom else _num(r.train_ms)} | {_num(r.paper_train_ms)} "
+            f"| {mem} | {paper_mem} | {_pm(r.error_mean, r.error_std)} | {_pm(r.paper_error_mean, r.paper_error_std)} "
+            f"| {_num(r.floor, '{:.1f}')} | {_pm(r.error_pred_mean, r.error_pred_std)} "
+            f"| {_num(r.imagine_ms_per_token, '{:.2f}')} |")
+    lines += ["", "Regenerate: `wmbench report` (reads every record under results/runs/)."]
+    return "\n".join(lines) + "\n"
+
+
+def _savefig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def gridworld_plots(df: pd.DataFrame, table: pd.DataFrame, plots_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    ok = df[df.status == "ok"].copy()
+    hue_order = [b for b in ORDER if b in set(ok.backbone)] + sorted(set(ok.backbone) - set(ORDER))
+    paths = []
+
+    # training time vs length, log-log, with O(n) and O(n^2) guides through the shortest mamba2 point
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sns.lineplot(data=ok, x="seq_len", y="train_ms", hue="backbone", hue_order=hue_order, marker="o",
+                 errorbar="sd", ax=ax)
+    if len(ok):
+        n0 = ok.seq_len.min()
+        t0 = ok[ok.seq_len == n0].train_ms.median()
+        ns = np.array(sorted(ok.seq_len.unique()), dtype=float)
+        ax.plot(ns, t0 * ns / n0, "k--", lw=1, label="O(n)")
+        ax.plot(ns, t0 * (ns / n0) ** 2, "k:", lw=1, label="O(n²)")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="training ms / step",
+           title="Grid world: training time vs length")
+    ax.legend()
+    paths.append(_savefig(fig, plots_dir / "gridworld_time_vs_length.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sns.lineplot(data=ok, x="seq_len", y="peak_mib", hue="backbone", hue_order=hue_order, marker="o",
+                 errorbar="sd", ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="peak memory (MiB)",
+           title="Grid world: peak training memory vs length")
+    paths.append(_savefig(fig, plots_dir / "gridworld_memory_vs_length.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.barplot(data=ok, x="backbone", y="error", hue="seq_len", order=hue_order, errorbar="sd", ax=ax)
+    floor = ok.floor.mean() if len(ok) else math.nan
+    if not math.isnan(floor):
+        ax.axhline(floor, color="k", ls="--", lw=1, label=f"oracle floor {floor:.1f}%")
+    ax.set(xlabel="backbone", ylabel="error (%)", title="Grid world: imagination error by backbone")
+    ax.legend(title="length")
+    paths.append(_savefig(fig, plots_dir / "gridworld_error_by_backbone.png"))
+    plt.close(fig)
+    return paths
+
+
+def bench_markdown(records: list[dict]) -> str:
+    lines = ["# Backbone benchmark (`wmbench bench`)", ""]
+    for rec in records:
+        from wmbench.bench import format_table
+        c = rec["config"]
+        lines += [f"## {rec['created_at']} — batch {c['batch_size']}, d_model {c['d_model']}, {c['n_layers']} layers, "
+                  f"{c['dtype']}, {rec['environment']['device_name']}", "", "```", format_table(rec), "```", ""]
+    return "\n".join(lines)
+
+
+def build_report(runs_dir: str = "results/runs", out_dir: str = "results") -> list[Path]:
+    out = Path(out_dir)
+    written: list[Path] = []
+    grid = load_records(runs_dir, kind="gridworld")
+    if grid:
+        df = gridworld_frame(grid)
+        table = gridworld_table(df)
+        hardware = sorted(set(df.device_name.dropna()))
+        written.append(atomic_write_text(out / "tables" / "gridworld.csv", table.to_csv(index=False)))
+        written.append(atomic_write_text(out / "tables" / "gridworld.md", gridworld_markdown(table, hardware)))
+        written += gridworld_plots(df, table, out / "plots")
+    bench = load_records(runs_dir, kind="bench")
+    if bench:
+        written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(bench)))
+    atari = load_records(runs_dir, kind="atari")
+    if atari:
+        from wmbench.atari_report import atari_markdown  # written with the Atari trainer
+        written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(atari)))
+    if not written:
+        raise FileNotFoundError(f"no run records under {runs_dir}; run `wmbench run` or `wmbench bench` first")
+    return written
