@@ -1,0 +1,331 @@
+"""World-model shell: shapes/finite losses for every backbone, parameter counts, imagination,
+prefill+step consistency, two-hot, free bits, KL, LaProp, presets and input validation."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wmbench.backbones  # noqa: F401  (registers the built-in backbones)
+from wmbench import list_backbones
+from wmbench.agent import Agent
+from wmbench.presets import config_from_dict, get_preset, list_presets
+from wmbench.world_model import (LaProp, TwoHot, WorldModel, categorical_kl, free_bits_kl, make_optimizer,
+                                 symexp, symlog, unimix_logprobs)
+
+BACKBONES = list_backbones()
+N_ACTIONS = 5
+
+
+def tiny(backbone="gru", **kw):
+    return get_preset("tiny", backbone=backbone, **kw)
+
+
+def fake_batch(B=2, L=8, n_actions=N_ACTIONS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(obs=torch.randint(0, 256, (B, L, 64, 64, 3), dtype=torch.uint8, generator=g),
+                action=torch.randint(0, n_actions, (B, L), generator=g),
+                reward=torch.randn(B, L, generator=g),
+                termination=(torch.rand(B, L, generator=g) < 0.2).float())
+
+
+# ------------------------------------------------------------------------------------------------
+# every backbone in the shell
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_train_step_and_imagination_every_backbone(backbone):
+    torch.manual_seed(0)
+    cfg = tiny(backbone)
+    wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    batch = fake_batch()
+    before = [p.detach().clone() for p in wm.parameters()]
+    out = wm.train_step(batch)
+    assert {"loss", "recon", "reward", "termination", "dyn", "rep", "kl", "grad_norm"} <= set(out)
+    assert all(math.isfinite(v) for v in out.values())
+    assert out["dyn"] >= cfg.free_bits and out["rep"] >= cfg.free_bits
+    assert any(not torch.equal(b, p) for b, p in zip(before, wm.parameters()))   # it did learn something
+    # imagination: B contexts of l_img, H steps
+    B, T, H = 3, cfg.imag_context, 5
+    obs = fake_batch(B, T)["obs"]
+    im = wm.imagine(obs, torch.randint(0, N_ACTIONS, (B, T)), agent, horizon=H)
+    assert im.z.shape == (B, H + 1, cfg.latent_dim) and im.h.shape == (B, H + 1, cfg.d_model)
+    assert im.states.shape == (B, H + 1, cfg.state_dim)
+    assert im.actions.shape == (B, H) and im.actions.dtype == torch.long
+    assert im.rewards.shape == im.terminations.shape == im.continues.shape == (B, H)
+    assert set(im.terminations.unique().tolist()) <= {0.0, 1.0}
+    assert torch.isfinite(im.states).all() and torch.isfinite(im.rewards).all()
+    assert torch.allclose(im.z.view(B, H + 1, cfg.n_latents, cfg.n_classes).sum(-1), torch.ones(()))
+    assert wm.training   # imagine restores the mode it found
+    ac = agent.update(im)
+    assert all(math.isfinite(v) for v in ac.values())
+
+
+@pytest.mark.parametrize("start", ["paper", "code"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_imagination_equals_forward_recomputation(backbone, start):
+    """prefill(context) + step(imagined tokens) == one forward pass over the concatenated sequence."""
+    torch.manual_seed(1)
+    cfg = tiny(backbone, imagine_start=start)
+    wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    wm.train_step(fake_batch())     # move BatchNorm statistics away from their initial values
+    B, T, H = 3, cfg.imag_context, 6
+    obs, acts = fake_batch(B, T, seed=3)["obs"], torch.randint(0, N_ACTIONS, (B, T))
+    torch.manual_seed(7)
+    wm.eval()
+    _, z_ctx = wm.encode(obs)       # the same posterior samples imagine() will draw first
+    wm.train()
+    torch.manual_seed(7)
+    im = wm.imagine(obs, acts, agent, horizon=H)
+    n = T - 1 if start == "paper" else T
+    if start == "paper":
+        assert torch.equal(im.z[:, 0], z_ctx[:, -1])     # the rollout starts from the last real frame
+    wm.eval()
+    with torch.no_grad():
+        x = torch.cat([wm.embed(z_ctx[:, :n], acts[:, :n]), wm.embed(im.z[:, :H], im.actions)], 1)
+        h = wm.backbone(x)                               # (B, n + H, d)
+        assert torch.allclose(im.h, h[:, n - 1:], atol=1e-4)
+        assert torch.allclose(im.rewards, wm.reward(h[:, n:]), atol=1e-4)
+        assert torch.equal(im.terminations, wm.termination(h[:, n:]))
+
+
+def test_imagination_reward_alignment_code_option():
+    torch.manual_seed(2)
+    cfg = tiny("gru", reward_alignment="code")
+    wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    obs = fake_batch(2, cfg.imag_context)["obs"]
+    im = wm.imagine(obs, torch.zeros(2, cfg.imag_context, dtype=torch.long), agent, horizon=4)
+    wm.eval()
+    with torch.no_grad():   # the code attaches to step i the reward predicted from d before a_i
+        assert torch.allclose(im.rewards, wm.reward(im.h[:, :-1]), atol=1e-5)
+
+
+def test_policy_state_layout():
+    torch.manual_seed(0)
+    cfg = tiny("gru")
+    wm = WorldModel(cfg, N_ACTIONS)
+    b = fake_batch(2, 4)
+    s = wm.policy_state(b["obs"], b["action"][:, :3])
+    assert s.shape == (2, cfg.state_dim)
+    s1 = wm.policy_state(b["obs"][:, :1], b["action"][:, :0])
+    assert torch.equal(s1[:, cfg.latent_dim:], torch.zeros(2, cfg.d_model))
+    with pytest.raises(ValueError, match="T-1"):
+        wm.policy_state(b["obs"], b["action"])
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter counts
+
+def test_xs_component_counts_match_official_code():
+    """Official code, Pong (|A| = 6): encoder 232,272; dist heads 1,574,912; decoder 1,281,811;
+    reward head 197,119; termination head 131,841 (drama-official-code.md section 10)."""
+    wm = WorldModel(get_preset("XS"), 6, backbone=torch.nn.Identity())
+    c = wm.param_counts()
+    assert (c["encoder"], c["dist_heads"], c["decoder"], c["reward_head"], c["termination_head"]) == \
+        (232_272, 1_574_912, 1_281_811, 197_119, 131_841)
+    assert c["sequence_model"] == (1024 + 6) * 512 + 512 + 512     # the stem only: Linear + RMSNorm
+
+
+@pytest.mark.skipif("mamba2" not in BACKBONES, reason="mamba2 backbone not registered")
+def test_xs_total_parameter_count_mamba2():
+    """XS with Mamba-2 on Pong (6 actions): 7,155,459 with the code's headdim 64 (= the official count),
+    7,147,219 with the paper's headdim 128 (8 heads: 8,240 fewer in_proj rows / per-head params)."""
+    assert WorldModel(get_preset("XS", headdim=64), 6).param_counts()["total"] == 7_155_459
+    assert WorldModel(get_preset("XS"), 6).param_counts()["total"] == 7_147_219
+
+
+@pytest.mark.skipif("mamba" not in BACKBONES, reason="mamba backbone not registered")
+def test_xs_total_parameter_count_mamba1():
+    """The official code's Mamba (v1) option on Pong: 7,337,315 (drama-official-code.md section 10)."""
+    assert WorldModel(get_preset("XS", backbone="mamba"), 6).param_counts()["total"] == 7_337_315
+
+
+def test_s_preset_doubles_filters_and_state():
+    xs, s = get_preset("XS"), get_preset("S")
+    assert s.enc_filters == tuple(2 * f for f in xs.enc_filters) and s.d_state == 2 * xs.d_state
+
+
+# ------------------------------------------------------------------------------------------------
+# losses and their pieces
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(min_value=-1e4, max_value=1e4, allow_nan=False))
+def test_twohot_round_trip(x):
+    th = TwoHot(255)
+    w = th.encode(torch.tensor([x]))
+    assert torch.isclose(w.sum(), torch.tensor(1.0)) and (w > 0).sum() <= 2 and (w >= 0).all()
+    back = th.decode(torch.log(w)).item()
+    assert math.isclose(back, x, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_twohot_hand_case_and_loss():
+    th = TwoHot(n_bins=5, low=-2.0, high=2.0)       # bins -2, -1, 0, 1, 2 in symlog space
+    x = symexp(torch.tensor(0.25))                  # symlog(x) = 0.25: 3/4 on bin 0, 1/4 on bin 1
+    assert torch.allclose(th.encode(x), torch.tensor([0, 0, 0.75, 0.25, 0]))
+    assert torch.allclose(symlog(symexp(torch.tensor([-3.0, 0.0, 5.0]))), torch.tensor([-3.0, 0.0, 5.0]))
+    logits = torch.zeros(5)
+    assert math.isclose(th.loss(logits, x).item(), math.log(5), rel_tol=1e-6)   # CE vs uniform
+
+
+def test_free_bits_hand_case():
+    kl = torch.tensor([0.5, 2.0], requires_grad=True)
+    step = free_bits_kl(kl, 1.0, "step")            # paper: mean(max(1, KL_t)) = (1 + 2) / 2
+    assert math.isclose(step.item(), 1.5)
+    step.backward()
+    assert kl.grad.tolist() == [0.0, 0.5]           # no gradient below the free bits
+    kl.grad = None
+    batch = free_bits_kl(kl, 1.0, "batch")          # code: max(1, mean KL) = max(1, 1.25)
+    assert math.isclose(batch.item(), 1.25)
+    assert math.isclose(free_bits_kl(torch.tensor([0.2, 0.4]), 1.0, "batch").item(), 1.0)
+
+
+def test_categorical_kl_and_unimix():
+    torch.manual_seed(0)
+    lp = unimix_logprobs(torch.randn(4, 32, 32) * 5, 0.01)
+    lq = unimix_logprobs(torch.randn(4, 32, 32) * 5, 0.01)
+    assert lp.exp().min() >= 0.01 / 32 - 1e-7
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=lp),
+                                            torch.distributions.Categorical(logits=lq)).sum(-1)
+    assert torch.allclose(categorical_kl(lp, lq), ref, atol=1e-4)
+    assert torch.allclose(categorical_kl(lp, lp), torch.zeros(4), atol=1e-6)
+
+
+def test_non_finite_loss_raises_and_keeps_parameters():
+    cfg = tiny("gru")
+    wm = WorldModel(cfg, N_ACTIONS)
+    batch = fake_batch()
+    batch["reward"][0, 3] = float("nan")
+    before = [p.detach().clone() for p in wm.parameters()]
+    with pytest.raises(FloatingPointError, match="reward"):
+        wm.train_step(batch)
+    assert all(torch.equal(b, p) for b, p in zip(before, wm.parameters()))
+
+
+def test_bad_inputs_are_value_errors():
+    wm = WorldModel(tiny("gru"), N_ACTIONS)
+    b = fake_batch()
+    with pytest.raises(ValueError, match="observations"):
+        wm.train_step(dict(b, obs=b["obs"][..., :32, :]))
+    with pytest.raises(ValueError, match="actions must be in"):
+        wm.train_step(dict(b, action=b["action"] + N_ACTIONS))
+    with pytest.raises(ValueError, match="missing"):
+        wm.train_step({"obs": b["obs"]})
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("XL")
+    with pytest.raises(ValueError, match="unknown config field"):
+        get_preset("XS", d_modle=3)
+    with pytest.raises(ValueError, match="free_bits_mode"):
+        get_preset("XS", free_bits_mode="sometimes")
+
+
+def test_presets_round_trip():
+    assert list_presets() == ["XS", "S", "tiny", "cpu"]
+    for name in list_presets():
+        cfg = get_preset(name.upper())
+        assert config_from_dict(cfg.to_dict()) == cfg
+    assert get_preset("xs", backbone="gru").backbone_kwargs() == {"dropout": 0.1}
+    assert get_preset("XS").backbone_kwargs() == {"dropout": 0.1, "d_state": 16, "headdim": 128}
+
+
+# ------------------------------------------------------------------------------------------------
+# optimiser
+
+def test_laprop_first_step_is_lr_times_sign_and_decay_modes():
+    # step 1: v = (1-b2) g^2 -> v_hat = g^2; m = (1-b1) lr g/|g|; m / bias-corr = lr sign(g)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = LaProp([p], lr=0.1, eps=1e-20)
+    p.grad = torch.tensor([0.5, -4.0, 0.0])
+    opt.step()
+    assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    for mode, factor in (("unscaled", 1 - 0.01), ("decoupled", 1 - 0.1 * 0.01)):
+        q = torch.nn.Parameter(torch.tensor([2.0]))
+        opt = LaProp([q], lr=0.1, weight_decay=0.01, weight_decay_mode=mode)
+        q.grad = torch.tensor([0.0])
+        opt.step()
+        assert math.isclose(q.item(), 2.0 * factor, rel_tol=1e-6)
+
+
+def test_no_weight_decay_params_are_excluded():
+    m = torch.nn.Linear(3, 3)
+    m.bias._no_weight_decay = True
+    opt, sched = make_optimizer(m, "laprop", lr=1e-3, eps=1e-20, weight_decay=0.1, warmup=10)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(m.weight) in decayed and id(m.bias) not in decayed
+    assert math.isclose(opt.param_groups[0]["lr"], 1e-4)   # warm-up: (t+1)/10 of the lr at t = 0
+
+
+def test_onehot_sampling_frequencies_and_straight_through():
+    from wmbench.world_model import sample_onehot_st
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3])).expand(20000, 1, 4).clone().requires_grad_(True)
+    z = sample_onehot_st(logits)
+    freq = z.detach().mean((0, 1))
+    assert freq[1] == 0 and torch.allclose(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015)
+    assert torch.equal(z.detach().sum(-1), torch.ones(20000, 1))
+    (z * torch.arange(4.0)).sum().backward()       # gradient flows through the probabilities
+    assert logits.grad.abs().sum() > 0
+
+
+def test_frame_pooling_hwc_equals_chw():
+    wm = WorldModel(tiny("gru", obs_pool=4), N_ACTIONS)
+    obs = fake_batch(1, 3)["obs"]                                   # (1, 3, 64, 64, 3) uint8
+    hwc = wm._frames(obs)
+    chw = wm._frames(obs.movedim(-1, -3))
+    ref = torch.nn.functional.avg_pool2d(obs[0].movedim(-1, 1).float() / 255, 4)
+    assert hwc.shape == (3, 3, 16, 16)
+    assert torch.allclose(hwc, ref, atol=1e-6) and torch.allclose(chw, ref, atol=1e-6)
+
+
+def test_training_state_resume_gives_identical_next_losses():
+    import io
+    torch.manual_seed(0)
+    cfg = tiny("mamba2" if "mamba2" in BACKBONES else "gru")
+    wm, ag = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    b = fake_batch()
+    wm.train_step(b)
+    ag.update(wm.imagine(b["obs"][:, :4], b["action"][:, :4], ag))
+    buf = io.BytesIO()
+    torch.save({"wm": wm.training_state(), "ag": ag.training_state()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)          # no pickled code needed
+    wm2, ag2 = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    wm2.load_training_state(saved["wm"])
+    ag2.load_training_state(saved["ag"])
+    outs = []
+    for w, a in ((wm, ag), (wm2, ag2)):
+        torch.manual_seed(5)
+        lw = w.train_step(b)
+        la = a.update(w.imagine(b["obs"][:, :4], b["action"][:, :4], a))
+        outs.append((lw, la))
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="lacks"):
+        wm2.load_training_state({"model": saved["wm"]["model"]})
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")
+def test_bf16_autocast_option_runs():
+    torch.manual_seed(0)
+    cfg = tiny("gru", amp=True)
+    wm, ag = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    b = fake_batch()
+    out = wm.train_step(b)
+    assert all(math.isfinite(v) for v in out.values())
+    im = wm.imagine(b["obs"][:, :4], b["action"][:, :4], ag)
+    assert im.states.dtype == torch.float32
+    assert all(math.isfinite(v) for v in ag.update(im).values())
+
+
+def test_imagination_does_not_reset_at_predicted_terminations():
+    """The rollout runs through predicted episode ends on the same backbone state (section 2.3)."""
+    torch.manual_seed(0)
+    cfg = tiny("gru")
+    wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    with torch.no_grad():
+        wm.term_head[-1].bias.fill_(50.0)           # every step predicts 'terminated'
+    obs = fake_batch(2, cfg.imag_context)["obs"]
+    im = wm.imagine(obs, torch.zeros(2, cfg.imag_context, dtype=torch.long), agent, horizon=6)
+    assert im.terminations.eq(1).all() and im.continues.eq(0).all()
+    # states keep evolving from the previous one (a reset would restart from the zero state each step)
+    assert not torch.allclose(im.h[:, 2], im.h[:, 3])
+    fresh, _ = wm.backbone.step(wm.embed(im.z[:, 2], im.actions[:, 2]), wm.backbone.init_state(2))
+    assert not torch.allclose(im.h[:, 3], fresh, atol=1e-4)

@@ -1,0 +1,576 @@
+"""The Drama world model (Wang et al., ICLR 2025, section 2.2 and appendix A.4) over ANY backbone.
+
+    O_t --Encoder--> post logits --unimix, ST sample--> z_t                 (32 x 32 one-hot)
+    [z_t, onehot(a_t)] --Linear, RMSNorm, SiLU--> x_t --backbone--> d_t    (the paper's d, our h)
+    d_t --prior head--> ẑ_{t+1}        d_t --reward head--> r̂_t        d_t --termination head--> ê_t
+    z_t --Decoder--> Ô_t               (from the posterior, not from d_t; Figure 1)
+
+The sequence model is any registered backbone (`wmbench.create_backbone`), so the same shell compares
+Mamba, Mamba-2, GRU and Transformer. Training is fully parallel over time: the posterior z_t depends on
+O_t only, so the backbone runs once over the whole (b, l) batch. Imagination `prefill`s real contexts,
+then rolls out with the backbone's O(1)-per-token `step`, with no state resets at episode ends.
+
+Also here (shared with wmbench.agent): symlog/two-hot, RMSNorm MLPs, the LaProp optimiser.
+`python -m wmbench.world_model --preset XS --threads 1` times one world-model update, one imagination
+and one actor-critic update on random data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wmbench.presets import DramaConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# symlog two-hot (DreamerV3), used by the reward head and the critic
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class TwoHot(nn.Module):
+    """Scalar <-> distribution over `n_bins` equally spaced bins in symlog space ([-20, 20])."""
+
+    def __init__(self, n_bins: int = 255, low: float = -20.0, high: float = 20.0):
+        super().__init__()
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        self.register_buffer("bins", torch.linspace(low, high, n_bins), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (...) -> two-hot weights (..., n_bins) on symlog(x); weights of the 2 nearest bins sum to 1."""
+        y = symlog(x).clamp(self.bins[0], self.bins[-1])
+        k = torch.bucketize(y, self.bins, right=True).clamp(1, len(self.bins) - 1)  # bins[k-1] <= y < bins[k]
+        lo, hi = self.bins[k - 1], self.bins[k]
+        w_hi = (y - lo) / (hi - lo)
+        out = torch.zeros(*y.shape, len(self.bins), device=y.device, dtype=y.dtype)
+        out.scatter_(-1, (k - 1).unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+        out.scatter_add_(-1, k.unsqueeze(-1), w_hi.unsqueeze(-1))
+        return out
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., n_bins) -> expected value, symexp(E[bin])."""
+        return symexp(torch.softmax(logits, -1) @ self.bins)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits (..., n_bins) against two-hot(target (...)), averaged."""
+        return -(self.encode(target.detach()) * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# small building blocks
+
+def rms_mlp(d_in: int, d_hidden: int, d_out: int, n_layers: int) -> nn.Sequential:
+    """n_layers x [Linear, RMSNorm, SiLU] then a Linear head (Tables 7-8)."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(d_in if i == 0 else d_hidden, d_hidden), nn.RMSNorm(d_hidden, eps=1e-5), nn.SiLU()]
+    layers.append(nn.Linear(d_hidden if n_layers else d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Conv(k, stride s_i, 'same' padding) -> BatchNorm -> SiLU per layer (Table 5), then flatten.
+
+    XS: 3x64x64 -> 16x64x64 -> 32x32x32 -> 48x16x16 -> 64x8x8 -> 64x4x4 = 1024 features.
+    """
+
+    def __init__(self, cfg: DramaConfig):
+        super().__init__()
+        layers, c_in = [], cfg.image_channels
+        for c, s in zip(cfg.enc_filters, cfg.enc_strides):
+            layers += [nn.Conv2d(c_in, c, cfg.kernel, s, cfg.kernel // 2), nn.BatchNorm2d(c), nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        res = cfg.image_size // cfg.obs_pool // math.prod(cfg.enc_strides)
+        self.out_shape = (cfg.enc_filters[-1], res, res)
+        self.out_dim = math.prod(self.out_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N, C, H, W) float -> (N, out_dim)
+        return self.net(x).flatten(1)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder (official code section 6.5): Linear -> (C, s, s) -> BN -> SiLU, then
+    ConvTranspose layers walking the encoder backwards, the last one to image channels with the first
+    encoder stride, then a sigmoid (pixels in [0, 1])."""
+
+    def __init__(self, cfg: DramaConfig, out_shape: tuple):
+        super().__init__()
+        self.out_shape = out_shape
+        self.fc = nn.Linear(cfg.latent_dim, math.prod(out_shape))
+        self.fc_norm = nn.Sequential(nn.BatchNorm2d(out_shape[0]), nn.SiLU())
+        f, s, k = cfg.enc_filters, cfg.enc_strides, cfg.kernel
+        layers = []
+        for i in range(len(f) - 1, 0, -1):   # f[i] -> f[i-1], undoing encoder layer i's stride
+            layers += [self._up(f[i], f[i - 1], k, s[i]), nn.BatchNorm2d(f[i - 1]), nn.SiLU()]
+        layers.append(self._up(f[0], cfg.image_channels, k, s[0]))
+        self.net = nn.Sequential(*layers)
+
+    @staticmethod
+    def _up(c_in, c_out, k, stride):
+        # stride 2 doubles the resolution exactly (output_padding 1); stride 1 keeps it
+        return nn.ConvTranspose2d(c_in, c_out, k, stride, k // 2, output_padding=stride - 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:   # (N, latent_dim) -> (N, C, H, W) in [0, 1]
+        x = self.fc_norm(self.fc(z).view(-1, *self.out_shape))
+        return torch.sigmoid(self.net(x))
+
+
+def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
+    """log((1 - u) softmax(logits) + u / C): keeps every class probability >= u / C (KL stays finite)."""
+    probs = torch.softmax(logits, -1)
+    if unimix > 0:
+        probs = (1 - unimix) * probs + unimix / logits.shape[-1]
+    return torch.log(probs)
+
+
+def sample_onehot_st(logprobs: torch.Tensor) -> torch.Tensor:
+    """One-hot sample with straight-through gradients: sample + p - sg(p)."""
+    probs = logprobs.exp()
+    # inverse-CDF sampling: one uniform per variable (torch.multinomial draws one per class, ~10x slower)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(*cdf.shape[:-1], 1, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) for (..., K, C) log-probabilities, summed over the K categorical variables -> (...)."""
+    return (logp.exp() * (logp - logq)).sum((-1, -2))
+
+
+def free_bits_kl(kl: torch.Tensor, free_bits: float, mode: str) -> torch.Tensor:
+    """max(free_bits, KL): per step then averaged (paper eq. 7, DreamerV3) or on the batch mean (code)."""
+    if mode == "step":
+        return kl.clamp(min=free_bits).mean()
+    return kl.mean().clamp(min=free_bits)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser: LaProp (Ziyin et al. 2020), as used by the official code; AdamW as the alternative
+
+class LaProp(torch.optim.Optimizer):
+    """Adam with the order of momentum and normalisation swapped: m <- b1 m + (1-b1) lr g / sqrt(v_hat).
+
+    weight_decay_mode 'unscaled' applies p <- p (1 - wd) every step (the official code's LaProp);
+    'decoupled' applies p <- p (1 - lr wd) (AdamW's convention).
+    """
+
+    def __init__(self, params, lr=4e-5, betas=(0.9, 0.999), eps=1e-20, weight_decay=0.0,
+                 weight_decay_mode="unscaled"):
+        if weight_decay_mode not in ("unscaled", "decoupled"):
+            raise ValueError(f"weight_decay_mode must be 'unscaled' or 'decoupled', got {weight_decay_mode!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      weight_decay_mode=weight_decay_mode))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["m"] = torch.zeros_like(p)
+                    st["v"] = torch.zeros_like(p)
+                    st["lr_avg"] = 0.0   # EMA of lr, for bias correction with a changing lr (warm-up)
+                st["step"] += 1
+                st["lr_avg"] = b1 * st["lr_avg"] + (1 - b1) * lr
+                m, v, g = st["m"], st["v"], p.grad
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / (1 - b2 ** st["step"])).sqrt_().add_(group["eps"])
+                m.mul_(b1).addcdiv_(g, denom, value=(1 - b1) * lr)
+                if wd:
+                    p.mul_(1 - (wd if group["weight_decay_mode"] == "unscaled" else lr * wd))
+                p.sub_(m, alpha=lr / st["lr_avg"])   # m / bias-correction (= lr_avg / lr)
+        return loss
+
+
+def make_optimizer(module: nn.Module, kind: str, lr: float, eps: float, weight_decay: float = 0.0,
+                   weight_decay_mode: str = "unscaled", warmup: int = 0):
+    """Optimiser + linear-warm-up scheduler; params flagged `_no_weight_decay` (A_log, D, ...) are not decayed."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [g for g in groups if g["params"]]
+    if kind == "laprop":
+        opt = LaProp(groups, lr=lr, eps=eps, weight_decay_mode=weight_decay_mode)
+    elif kind == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, eps=max(eps, 1e-8))
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; valid choices: laprop, adamw")
+    w = max(int(warmup), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / w) if w else 1.0)
+    return opt, sched
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], where: str) -> dict:
+    """Tensor losses -> floats (one sync); raise FloatingPointError naming any non-finite one."""
+    names = list(losses)
+    values = torch.stack([losses[k].detach().float().reshape(()) for k in names]).tolist()
+    out = dict(zip(names, values))
+    bad = [f"{k}={v}" for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{where}: non-finite {', '.join(bad)}; parameters were not updated")
+    return out
+
+
+class TrainState:
+    """Mixin: everything needed to resume training (weights, buffers, optimiser, warm-up schedule),
+    as plain tensors / numbers, loadable with torch.load(weights_only=True)."""
+
+    def training_state(self) -> dict:
+        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_training_state(self, state: Mapping) -> None:
+        missing = {"model", "optimizer", "scheduler"} - set(state)
+        if missing:
+            raise ValueError(f"training state lacks {', '.join(sorted(missing))}")
+        self.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def autocast(cfg: DramaConfig, device: torch.device):
+    """bf16 autocast when cfg.amp (the official code trains in bf16), else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp))
+
+
+# ----------------------------------------------------------------------------------------------
+# imagination output
+
+@dataclass
+class Imagination:
+    """An imagined rollout of horizon H from b_img starting points.
+
+    z (B, H+1, latent_dim), h (B, H+1, d): policy states s_t = [z_t, h_t], t = 0..H (h_t is the
+    backbone output that preceded z_t, so s_t holds everything known before choosing a_t);
+    actions (B, H) long; rewards (B, H); terminations (B, H) in {0, 1}; continues = 1 - terminations.
+    """
+    z: torch.Tensor
+    h: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    terminations: torch.Tensor
+
+    @property
+    def continues(self) -> torch.Tensor:
+        return 1.0 - self.terminations
+
+    @property
+    def states(self) -> torch.Tensor:
+        return torch.cat([self.z, self.h], -1)
+
+
+def _pick(batch: Mapping, *names):
+    for n in names:
+        if n in batch:
+            return batch[n]
+    raise ValueError(f"batch is missing {names[0]!r} (accepted keys: {', '.join(names)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the world model
+
+class WorldModel(TrainState, nn.Module):
+    """Drama's world model over any backbone. See the module docstring for the data flow."""
+
+    def __init__(self, cfg: DramaConfig, n_actions: int, backbone: nn.Module | None = None):
+        super().__init__()
+        if not isinstance(n_actions, int) or n_actions < 1:
+            raise ValueError(f"n_actions must be a positive integer, got {n_actions!r}")
+        self.cfg, self.n_actions = cfg, n_actions
+        K, C, D = cfg.n_latents, cfg.n_classes, cfg.d_model
+        self.encoder = Encoder(cfg)
+        self.post_head = nn.Linear(self.encoder.out_dim, K * C)        # q(z_t | O_t)
+        self.decoder = Decoder(cfg, self.encoder.out_shape)
+        # stem: [z, onehot(a)] -> x (official: Linear(bias) -> RMSNorm -> SiLU, dropout on its output)
+        self.stem = nn.Sequential(nn.Linear(K * C + n_actions, D), nn.RMSNorm(D, eps=1e-5), nn.SiLU(),
+                                  nn.Dropout(cfg.dropout))
+        if backbone is None:
+            from wmbench.registry import create_backbone
+            backbone = create_backbone(cfg.backbone, cfg.d_model, cfg.n_layers, **cfg.backbone_kwargs())
+        self.backbone = backbone
+        self.prior_head = nn.Linear(D, K * C)                            # p(ẑ_{t+1} | d_t)
+        self.reward_head = rms_mlp(D, cfg.head_hidden, cfg.reward_bins, cfg.head_layers)
+        self.term_head = rms_mlp(D, cfg.head_hidden, 1, cfg.head_layers)
+        nn.init.zeros_(self.reward_head[-1].weight)   # DreamerV3: start by predicting reward 0
+        nn.init.zeros_(self.reward_head[-1].bias)
+        self.twohot = TwoHot(cfg.reward_bins)
+        self.optimizer, self.scheduler = make_optimizer(
+            self, cfg.wm_optimizer, cfg.wm_lr, cfg.wm_eps, cfg.wm_weight_decay, cfg.weight_decay_mode,
+            cfg.wm_warmup)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    # --- parameter accounting ---
+    def param_counts(self) -> dict:
+        """Parameters per component (the official code's grouping; 'sequence_model' = stem + backbone)."""
+        n = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())
+        parts = {"encoder": n(self.encoder), "dist_heads": n(self.post_head, self.prior_head),
+                 "decoder": n(self.decoder), "reward_head": n(self.reward_head),
+                 "termination_head": n(self.term_head), "sequence_model": n(self.stem, self.backbone)}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior_head.weight.device
+
+    # --- pieces ---
+    def _frames(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (..., H, W, C) or (..., C, H, W) -> float (N, C, H', W') in [0, 1]
+        (H' = H / obs_pool: the encoder's input and the decoder's target)."""
+        cfg = self.cfg
+        obs = torch.as_tensor(obs, device=self.device)
+        size, ch = cfg.image_size, cfg.image_channels
+        p, s = cfg.obs_pool, size // cfg.obs_pool
+        if obs.shape[-3:] == (size, size, ch):          # HWC (the replay layout)
+            x = obs.reshape(-1, size, size, ch).float()
+            if p > 1:   # p x p mean pooling as two strided sums (faster than avg_pool2d on this layout)
+                x = x.view(-1, s, p, s, p * ch).sum(2).view(-1, s, s, p, ch).sum(3) / (p * p)
+            x = x.permute(0, 3, 1, 2)                    # channels-last view, no copy
+        elif obs.shape[-3:] == (ch, size, size):
+            x = obs.reshape(-1, ch, size, size).float()
+            x = F.avg_pool2d(x, p) if p > 1 else x
+        else:
+            raise ValueError(f"observations must end in ({size}, {size}, {ch}) or ({ch}, {size}, {size}), "
+                             f"got shape {tuple(obs.shape)}")
+        return x * (1.0 / 255.0) if obs.dtype == torch.uint8 else x
+
+    def encode(self, obs: torch.Tensor):
+        """obs (B, L, ...frame) -> posterior log-probs (B, L, K, C) and ST one-hot sample z (B, L, K*C)."""
+        return self._encode_frames(self._frames(obs), *obs.shape[:2])
+
+    def _encode_frames(self, x: torch.Tensor, B: int, L: int):
+        feats = self.encoder(x)
+        logp = unimix_logprobs(self.post_head(feats).view(B, L, self.cfg.n_latents, self.cfg.n_classes),
+                               self.cfg.unimix)
+        return logp, sample_onehot_st(logp).flatten(-2)
+
+    def prior(self, h: torch.Tensor):
+        """h (..., d) -> prior log-probs (..., K, C) over ẑ_{t+1}."""
+        logits = self.prior_head(h).unflatten(-1, (self.cfg.n_latents, self.cfg.n_classes))
+        return unimix_logprobs(logits, self.cfg.unimix)
+
+    def sample_prior(self, h: torch.Tensor) -> torch.Tensor:
+        return sample_onehot_st(self.prior(h)).flatten(-2)
+
+    def _check_actions(self, a) -> torch.Tensor:
+        a = torch.as_tensor(a, device=self.device).long()
+        if a.numel() and (a.min() < 0 or a.max() >= self.n_actions):
+            raise ValueError(f"actions must be in [0, {self.n_actions}), got range [{a.min()}, {a.max()}]")
+        return a
+
+    def embed(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x = stem([z, onehot(a)]): z (..., K*C), a (...) long -> (..., d)."""
+        return self.stem(torch.cat([z, F.one_hot(a, self.n_actions).to(z.dtype)], -1))
+
+    def reward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.twohot.decode(self.reward_head(h))
+
+    def termination(self, h: torch.Tensor) -> torch.Tensor:
+        """Hard termination flag {0, 1} (logit > 0, as in the code and DreamerV3's mode)."""
+        return (self.term_head(h).squeeze(-1) > 0).to(h.dtype)
+
+    # --- training ---
+    def loss(self, obs, actions, rewards, terminations):
+        """Eq. 6-7 on a (B, L) batch. Returns (total loss, dict of named loss tensors)."""
+        cfg = self.cfg
+        B, L = actions.shape[:2]
+        target = self._frames(obs)                                      # (B*L, C, H, W) in [0, 1]
+        post_logp, z = self._encode_frames(target, B, L)                # (B,L,K,C), (B,L,K*C)
+        recon = self.decoder(z.flatten(0, 1))                           # (B*L, C, H, W)
+        # reconstruction: squared error summed over pixels, averaged over (b, l) (code; eq. 6's sum)
+        l_rec = (recon - target).pow(2).sum((1, 2, 3)).mean()
+        h = self.backbone(self.embed(z, actions))                       # (B, L, d)
+        l_rew = self.twohot.loss(self.reward_head(h), rewards.float())
+        l_term = F.binary_cross_entropy_with_logits(self.term_head(h).squeeze(-1), terminations.float())
+        # d_t predicts z_{t+1}: posterior of steps 1..L-1 against prior from steps 0..L-2
+        prior_logp = self.prior(h[:, :-1])
+        post_next = post_logp[:, 1:]
+        kl_dyn = categorical_kl(post_next.detach(), prior_logp)         # trains the prior / sequence model
+        kl_rep = categorical_kl(post_next, prior_logp.detach())         # trains the encoder
+        l_dyn = free_bits_kl(kl_dyn, cfg.free_bits, cfg.free_bits_mode)
+        l_rep = free_bits_kl(kl_rep, cfg.free_bits, cfg.free_bits_mode)
+        total = l_rec + l_rew + l_term + cfg.dyn_scale * l_dyn + cfg.rep_scale * l_rep
+        return total, {"loss": total, "recon": l_rec, "reward": l_rew, "termination": l_term,
+                       "dyn": l_dyn, "rep": l_rep, "kl": kl_dyn.mean().detach()}
+
+    def train_step(self, batch: Mapping) -> dict:
+        """One optimiser step on a replay batch {obs (B,L,64,64,3) uint8, action (B,L), reward (B,L),
+        termination (B,L)}. Returns float losses; raises FloatingPointError (and leaves the parameters
+        untouched) if any loss or the gradient norm is not finite."""
+        obs = _pick(batch, "obs", "observations", "observation")
+        dev = self.device
+        actions = self._check_actions(_pick(batch, "action", "actions"))
+        rewards = torch.as_tensor(_pick(batch, "reward", "rewards"), device=dev)
+        terms = torch.as_tensor(_pick(batch, "termination", "terminations", "terminal", "done"), device=dev)
+        if actions.dim() != 2 or rewards.shape != actions.shape or terms.shape != actions.shape:
+            raise ValueError(f"action, reward, termination must all be (B, L); got {tuple(actions.shape)}, "
+                             f"{tuple(rewards.shape)}, {tuple(terms.shape)}")
+        if tuple(obs.shape[:2]) != tuple(actions.shape) or actions.shape[1] < 2:
+            raise ValueError(f"obs must be (B, L, ...) with L >= 2 matching action {tuple(actions.shape)}, "
+                             f"got {tuple(obs.shape)}")
+        self.train()
+        with autocast(self.cfg, self.device):
+            total, parts = self.loss(obs, actions, rewards, terms)
+        out = check_finite(parts, "world-model loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.wm_grad_clip)
+        out.update(check_finite({"grad_norm": gnorm}, "world-model gradient"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.n_updates += 1
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    # --- imagination and acting ---
+    @torch.no_grad()
+    def imagine(self, context_obs, context_actions, actor, horizon: int | None = None) -> Imagination:
+        """Roll out `horizon` steps from b_img real contexts of length l_img (section 2.3, Algorithm 1).
+
+        context_obs (B, l_img, ...frame) uint8, context_actions (B, l_img) long; `actor` is an object
+        with `.act(states) -> (B,) long` or such a callable. imagine_start='paper': the first l_img-1
+        steps are `prefill`ed (one parallel pass) and the rollout starts from the last real frame's
+        posterior z; 'code': all l_img steps are prefilled and the rollout starts from a prior sample.
+        Each imagined step is one backbone `step`. No state is reset where an episode ends.
+        """
+        cfg = self.cfg
+        H = cfg.imag_horizon if horizon is None else int(horizon)
+        if H < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        policy: Callable = actor.act if hasattr(actor, "act") else actor
+        actions_ctx = self._check_actions(context_actions)
+        B, T = actions_ctx.shape
+        if tuple(context_obs.shape[:2]) != (B, T):
+            raise ValueError(f"context_obs {tuple(context_obs.shape)} and context_actions "
+                             f"{tuple(actions_ctx.shape)} must share (B, l_img)")
+        n_prefill = T - 1 if cfg.imagine_start == "paper" else T
+        if n_prefill < 1:
+            raise ValueError(f"l_img must be >= {2 if cfg.imagine_start == 'paper' else 1}, got {T}")
+        was_training = self.training
+        self.eval()   # BatchNorm running statistics, no dropout (as in the code)
+        try:
+            with autocast(cfg, self.device):
+                _, z_ctx = self.encode(context_obs)                       # (B, T, K*C)
+                state = self.backbone.init_state(B, max_len=n_prefill + H)
+                x_ctx = self.embed(z_ctx[:, :n_prefill], actions_ctx[:, :n_prefill])
+                h_ctx, state = self.backbone.prefill(x_ctx, state)       # (B, n_prefill, d): one pass
+                h_prev = h_ctx[:, -1]
+                z_t = z_ctx[:, -1] if cfg.imagine_start == "paper" else self.sample_prior(h_prev)
+                zs, hs, acts, rews, terms = [z_t], [h_prev], [], [], []
+                for _ in range(H):
+                    a_t = torch.as_tensor(policy(torch.cat([z_t, h_prev], -1)), device=self.device).long()
+                    h_t, state = self.backbone.step(self.embed(z_t, a_t), state)    # d_t after (z_t, a_t)
+                    h_out = h_t if cfg.reward_alignment == "paper" else h_prev       # code: one step late
+                    rews.append(self.reward(h_out))
+                    terms.append(self.termination(h_out))
+                    z_t = self.sample_prior(h_t)                                      # ẑ_{t+1} ~ p(. | d_t)
+                    h_prev = h_t
+                    zs.append(z_t), hs.append(h_t), acts.append(a_t)
+        finally:
+            self.train(was_training)
+        f32 = lambda xs: torch.stack(xs, 1).float()
+        return Imagination(z=f32(zs), h=f32(hs), actions=torch.stack(acts, 1), rewards=f32(rews),
+                           terminations=f32(terms))
+
+    @torch.no_grad()
+    def policy_state(self, obs, actions) -> torch.Tensor:
+        """The state to act on in the real environment, from a short window of real experience.
+
+        obs (B, T, ...frame): the last T frames, the current one last; actions (B, T-1): the actions taken
+        after the first T-1 of them. Returns s = [z_T-1 (posterior of the current frame), d_T-2]
+        (B, latent_dim + d), the same layout as imagination states (d = 0 when T == 1).
+        Deviation from the code, which acts on a prior sample and never sees the current frame.
+        """
+        actions = self._check_actions(actions)
+        B, T = obs.shape[:2]
+        if tuple(actions.shape) != (B, T - 1):
+            raise ValueError(f"actions must be (B, T-1) = ({B}, {T - 1}), got {tuple(actions.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            _, z = self.encode(obs)
+            if T > 1:
+                h = self.backbone(self.embed(z[:, :-1], actions))[:, -1]
+            else:
+                h = z.new_zeros(B, self.cfg.d_model)
+            # imagine_start='code' (STORM's scheme): act on a prior sample, the current frame unseen
+            z_t = z[:, -1] if self.cfg.imagine_start == "paper" else self.sample_prior(h)
+        finally:
+            self.train(was_training)
+        return torch.cat([z_t, h], -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m wmbench.world_model --preset XS`: time one world-model update + one imagination + one
+# actor-critic update on random data (the numbers used for training-time estimates)
+
+def _time_updates(argv=None) -> dict:
+    import argparse
+    import json
+
+    from wmbench.agent import Agent
+    from wmbench.measure import median, time_calls
+    from wmbench.presets import get_preset
+
+    ap = argparse.ArgumentParser(description=_time_updates.__doc__)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--backbone", default="mamba2")
+    ap.add_argument("--actions", type=int, default=18)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    cfg = get_preset(a.preset, backbone=a.backbone, **over)
+    dev = torch.device(a.device)
+    torch.manual_seed(0)
+    wm, ag = WorldModel(cfg, a.actions).to(dev), Agent(cfg, a.actions).to(dev)
+    B, L, Bi, Li = cfg.batch_size, cfg.batch_length, cfg.imag_batch, cfg.imag_context
+    frames = lambda *s: torch.randint(0, 256, (*s, cfg.image_size, cfg.image_size, cfg.image_channels),
+                                      dtype=torch.uint8, device=dev)
+    batch = dict(obs=frames(B, L), action=torch.randint(0, a.actions, (B, L), device=dev),
+                 reward=torch.randn(B, L, device=dev), termination=torch.zeros(B, L, device=dev))
+    ctx_obs, ctx_act = frames(Bi, Li), torch.randint(0, a.actions, (Bi, Li), device=dev)
+    im = wm.imagine(ctx_obs, ctx_act, ag)
+    t_wm = time_calls(lambda: wm.train_step(batch), warmup=a.warmup, iters=a.iters, device=dev)
+    t_im = time_calls(lambda: wm.imagine(ctx_obs, ctx_act, ag), warmup=a.warmup, iters=a.iters, device=dev)
+    t_ac = time_calls(lambda: ag.update(im), warmup=a.warmup, iters=a.iters, device=dev)
+    res = {"preset": cfg.name, "backbone": cfg.backbone, "threads": torch.get_num_threads(), "device": str(dev),
+           "wm_batch": [B, L], "imag": [Bi, Li, cfg.imag_horizon], "wm_params": wm.param_counts()["total"],
+           "wm_update_s": median(t_wm), "imagine_s": median(t_im), "ac_update_s": median(t_ac)}
+    res["total_s"] = res["wm_update_s"] + res["imagine_s"] + res["ac_update_s"]
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    _time_updates()
