@@ -20,6 +20,10 @@ settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Tests check behaviour on tiny tensors, where a second intra-op thread only adds synchronisation
+# and, on a shared machine, can slow tiny ops down by 10x or more. Benchmarks set their own threads.
+torch.set_num_threads(int(os.environ.get("WMBENCH_TEST_THREADS", "1")))
+
 
 def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
