@@ -174,7 +174,12 @@ def _cmd_report(a) -> int:
     return 0
 
 
-COMMANDS = [_add_run, _add_bench, _add_report, _add_list]
+def _add_atari(sub):  # the Drama agent: wmbench/train_atari.py
+    from wmbench.train_atari import add_parser
+    add_parser(sub)
+
+
+COMMANDS = [_add_run, _add_atari, _add_bench, _add_report, _add_list]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,233 @@
+"""Checkpoints that are written atomically and loaded without executing pickled code.
+
+Layout under a run directory:
+
+    RUN/checkpoints/step_000012345/state.pt       torch tensors + plain containers (models, optimisers,
+                                                  schedulers, torch RNG); read with weights_only=True
+    RUN/checkpoints/step_000012345/arrays.npz     numpy arrays (replay buffer, acting context); read with
+                                                  allow_pickle=False
+    RUN/checkpoints/step_000012345/meta.json      everything else (counters, episode log, RNG states of
+                                                  python / numpy, environment state)
+    RUN/checkpoints/step_000012345/manifest.json  size + sha256 of the three files above
+    RUN/checkpoints/latest                        the name of the newest complete checkpoint
+
+Atomicity: a checkpoint is written into a hidden temporary folder, fsynced, renamed to its final
+name, and only then is `latest` replaced (temp file + rename). A crash at any point leaves the
+previous checkpoint and `latest` as they were. Older checkpoints beyond `keep` are removed after
+`latest` moved on.
+
+Loading checks the manifest (sizes and sha256) before parsing anything, so a truncated or bit-flipped
+checkpoint is refused with one line (`CheckpointError`, a `UserError`) and nothing is overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmbench.errors import UserError
+from wmbench.records import atomic_write_text
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+FILES = ("state.pt", "arrays.npz", "meta.json")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be trusted (missing, truncated, corrupt, foreign)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]          # torch objects (from state.pt)
+    arrays: dict[str, np.ndarray]  # numpy arrays (from arrays.npz)
+    meta: dict[str, Any]           # JSON metadata
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ckpt_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, arrays: dict[str, np.ndarray],
+                    meta: dict, keep: int = 2) -> Path:
+    """Write one checkpoint atomically and point `latest` at it; returns its folder."""
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(step):09d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        _fsync_write(tmp / "state.pt", lambda f: torch.save(state, f))
+        for k, a in arrays.items():
+            a = np.asarray(a)
+            if a.dtype == object:
+                raise TypeError(f"array {k!r} has dtype object; checkpoints hold plain arrays only")
+        _fsync_write(tmp / "arrays.npz", lambda f: np.savez(f, **arrays))
+        meta = {"format_version": FORMAT_VERSION, **meta, "step": int(step)}
+        _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
+        manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
+        _fsync_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(tmp)
+        if final.exists():  # a stale folder of the same step that `latest` does not point to
+            if _read_latest(root) == name:
+                shutil.rmtree(tmp)
+                return final  # same step already saved (e.g. periodic save, then stop): identical state
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    # prune: keep the newest `keep` complete checkpoints (never the one `latest` names)
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for p in done[:-max(int(keep), 1)]:
+        if p.name != name:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _read_latest(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    return (ckpt_root(run_dir) / LATEST).exists()
+
+
+def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint of `run_dir`, or None if it has none. CheckpointError if it is unusable."""
+    root = ckpt_root(run_dir)
+    name = _read_latest(root)
+    if name is None:
+        if (root / LATEST).exists():
+            raise CheckpointError(f"checkpoint pointer {root / LATEST} is empty (corrupt run dir)")
+        return None
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} named by {root / LATEST} is missing")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: unreadable manifest.json ({e})") from None
+    for f in FILES:
+        entry = manifest.get(f) if isinstance(manifest, dict) else None
+        p = path / f
+        if not isinstance(entry, dict) or not p.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: {f} is missing")
+        if p.stat().st_size != entry.get("bytes") or _sha256(p) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} is corrupt: {f} does not match its manifest "
+                                  f"(size or sha256); delete the run dir or restore the file")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        # weights_only: tensors and plain containers only, no code runs while loading
+        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+        with np.load(path / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt checkpoint
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt: {msg}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format_version {meta.get('format_version')!r}; "
+                              f"this wmbench reads {FORMAT_VERSION}")
+    return Checkpoint(path=path, state=state, arrays=arrays, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# config diffing
+
+def _norm(v: Any) -> Any:
+    """JSON round trip so tuples == lists and keys are strings, as after saving."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def config_diff(saved: dict, current: dict, ignore: tuple | set | frozenset = ()) -> list[str]:
+    """['field: saved -> current', ...] for every top-level field that differs (except `ignore`)."""
+    saved, current = _norm(saved), _norm(current)
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k in ignore:
+            continue
+        a, b = saved.get(k, "<unset>"), current.get(k, "<unset>")
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as JSON (python `random`, numpy's legacy global RNG, numpy Generators)
+
+def python_rng_state() -> list:
+    import random
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_rng_state(s: list) -> None:
+    import random
+    random.setstate((s[0], tuple(s[1]), s[2]))
+
+
+def numpy_global_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def set_numpy_global_rng_state(s: list) -> None:
+    np.random.set_state((s[0], np.asarray(s[1], np.uint32), s[2], s[3], s[4]))
+
+
+def generator_state(g: np.random.Generator) -> dict:
+    """bit_generator.state: plain dicts and (big) ints, JSON-safe."""
+    return g.bit_generator.state
+
+
+def generator_from_state(s: dict) -> np.random.Generator:
+    bg = getattr(np.random, s["bit_generator"])()
+    bg.state = s
+    return np.random.Generator(bg)
