@@ -242,7 +242,8 @@ class ReplayBuffer:
                 raise ValueError(f"replay state {k!r} has shape {a.shape}, "
                                  f"expected {(size,) + dst.shape[1:]}")
             dst[:size] = a
-            dst[size:] = 0
+            if self.size > size:  # clear only slots this buffer had filled beyond the loaded state
+                dst[size:self.size] = 0
         self.ptr, self.size, self.n_added = ptr, size, n_added
         self.rng = _unpack_rng(np.asarray(sd["rng"]))
 
