@@ -90,10 +90,12 @@ class _SelectiveScan(torch.autograd.Function):
         y = u.new_empty(T, c, b, d)
 
         m = _group_size(c, T, b, n, d, u.element_size())
+        a_buf = u.new_empty(T, m, b, n, d)                           # reused by every group (no re-faulting)
         for k0 in range(0, c, m):                                    # groups of chunks, left to right
             g_ = slice(k0, min(c, k0 + m))
             du_r, B_c = du[:, g_].unsqueeze(3), Bc[:, g_].unsqueeze(4)   # (T,m,b,1,d), (T,m,b,n,1)
-            a = torch.mul(dt[:, g_].unsqueeze(3), At).exp_()         # a_t = exp(Δ_t A)  (T, m, b, n, d)
+            a = a_buf[:, :g_.stop - k0]
+            torch.mul(dt[:, g_].unsqueeze(3), At, out=a).exp_()      # a_t = exp(Δ_t A)  (T, m, b, n, d)
             # 1. local pass: each chunk from a zero state -> its end state
             h = du_r[0] * B_c[0]
             for t in range(1, T):
@@ -107,7 +109,7 @@ class _SelectiveScan(torch.autograd.Function):
             for t in range(T):
                 h.mul_(a[t]).addcmul_(du_r[t], B_c[t])
                 torch.matmul(C_r[t], h, out=y_g[t])
-            del a, h
+        del a_buf, a, h
         y = _unchunk(y, L)
         if D is not None:
             y = y + u * D
@@ -144,6 +146,7 @@ class _SelectiveScan(torch.autograd.Function):
         z = u.new_zeros(b, n, d) if dh_last is None else dh_last.to(u.dtype).transpose(1, 2).contiguous()
 
         m = _group_size(c, T, b, n, d, u.element_size())
+        a_buf, h_buf = u.new_empty(T, m, b, n, d), u.new_empty(T, m, b, n, d)  # reused by every group
         for k0 in reversed(range(0, c, m)):                          # groups of chunks, right to left
             k1 = min(c, k0 + m)
             g_, mg = slice(k0, k1), k1 - k0
@@ -151,8 +154,8 @@ class _SelectiveScan(torch.autograd.Function):
             B_c, B_r, C_c = Bc[:, g_].unsqueeze(4), Bc[:, g_].unsqueeze(3), Cc[:, g_].unsqueeze(4)
             dC_g, dB_g, w_g = dCc[:, g_].unsqueeze(3), dBc[:, g_].unsqueeze(3), dw[:, g_].unsqueeze(3)
             # recompute decays a[t] and states hs[t] of the group (T, m, b, n, d); dC_t = Σ_d dy_t h_t
-            a = torch.mul(dt_r, At).exp_()
-            hs = torch.empty_like(a)
+            a, hs = a_buf[:, :mg], h_buf[:, :mg]
+            torch.mul(dt_r, At, out=a).exp_()
             h_prev = states[g_]
             for t in range(T):
                 torch.mul(a[t], h_prev, out=hs[t]).addcmul_(du_r[t], B_c[t])
@@ -181,10 +184,9 @@ class _SelectiveScan(torch.autograd.Function):
                 g.mul_(a[t])                                                      # a_t g_t
                 q = torch.mul(g, hs[t - 1] if t > 0 else states[g_], out=a[t])  # q_t = a_t g_t h_{t-1}
                 acc.addcmul_(q, dt_r[t])
-            del hs
             ddt[:, g_] = a.mul_(At).sum(3)                                        # Σ_n A q_t
             dAt += acc.sum((0, 1))
-            del a
+        del a_buf, h_buf, a, hs
 
         ddt.addcmul_(dw, uc)                                         # dLoss/dΔ_t = Σ_n A q_t + u_t w_t
         dw = _unchunk(dw, L)
