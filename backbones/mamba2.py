@@ -79,6 +79,8 @@ class _Mamba2Fused(torch.autograd.Function):
     def _fwd(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, cfg):
         d_inner, conv_dim, H, P, G, N, Q, eps, dt_limit = cfg
         Bsz, L, _ = zxbcdt.shape
+        # same number of chunks, but evened out (L=208, Q=64 -> 4 chunks of 52): less padding
+        Q = -(-L // -(-L // Q))
         Lp = L + (-L) % Q                                          # padded to a chunk multiple
         dtype = zxbcdt.dtype
         sd = torch.float64 if dtype == torch.float64 else torch.float32   # state / decay dtype
@@ -108,7 +110,7 @@ class _Mamba2Fused(torch.autograd.Function):
                            .div_(d_inner // G).add_(eps))           # (B, L, G)
         ng.mul_(rstd[..., None].to(dtype))
         ctx.save_for_backward(zxbcdt, conv_w, dt_bias, dt, pre, Y, rstd, n, *saved)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.Q = cfg, Q
         return n
 
     @staticmethod
@@ -118,7 +120,8 @@ class _Mamba2Fused(torch.autograd.Function):
 
     @staticmethod
     def _bwd(ctx, dn):
-        d_inner, conv_dim, H, P, G, N, Q, eps, dt_limit = ctx.cfg
+        d_inner, conv_dim, H, P, G, N, _, eps, dt_limit = ctx.cfg
+        Q = ctx.Q
         zxbcdt, conv_w, dt_bias, dt, pre, Y, rstd, n, *saved = ctx.saved_tensors
         Bsz, L, _ = zxbcdt.shape
         Lp = pre.shape[1]

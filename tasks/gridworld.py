@@ -22,7 +22,7 @@ Over N predicted frames, E_g = 100 * #geometric / N, E_l = 100 * #logic / N, and
     Error (%) = (E_g + E_l) / 2.
 A.6 calls E_g a "number of boundary cells"; we count frames instead (a frame is wrong or not) so that
 E_g is a percentage like E_l. The goal cell only matters through the validity check: A.6's logic error
-is about the agent's position alone.
+is about the agent's position alone. Frame 0 is never scored: it has no previous frame and action.
 
 Irreducible floor. A respawn frame's positions are random, so no model can predict it. The oracle
 (`oracle_predict`) knows the exact dynamics but not the random re-spawn: it moves the agent, and if the
@@ -106,12 +106,21 @@ def _move(agent: np.ndarray, action: np.ndarray, grid_size: int) -> np.ndarray:
     return np.where(inside, moved, agent)
 
 
-def sample_sequences(batch_size: int, n_frames: int, grid_size: int = DEFAULT_GRID_SIZE, seed: int = 0,
+def _transition_table(grid_size: int) -> np.ndarray:
+    """T[i, a]: the interior cell index reached from interior cell i by action token NORTH + a."""
+    side = grid_size - 2
+    rc = np.stack(np.divmod(np.arange(side * side), side), axis=-1) + 1      # (m, 2) full-grid (row, col)
+    moved = _move(rc[:, None, :], np.arange(NORTH, WEST + 1)[None, :], grid_size)  # (m, 4, 2)
+    return (moved[..., 0] - 1) * side + (moved[..., 1] - 1)
+
+
+def sample_sequences(batch_size: int, n_frames: int, grid_size: int = DEFAULT_GRID_SIZE, seed=0,
                      return_info: bool = False):
     """Random trajectories as token ids, int64 (batch_size, n_frames * l_f).
 
-    Vectorised over the batch (the only Python loop is over frames) and reproducible: the same
-    (batch_size, n_frames, grid_size, seed) always gives the same array.
+    Vectorised over the batch (the only Python loop is over frames, a few array ops each) and
+    reproducible: the same (batch_size, n_frames, grid_size, seed) always gives the same array.
+    `seed` is anything np.random.default_rng accepts (an int, or a list of ints for seed streams).
     With return_info=True also returns a dict of per-frame arrays:
         respawn (B, n) bool  frame t shows a re-spawn (agent reached the goal from frame t-1)
         agent   (B, n, 2)    agent (row, col); goal (B, n, 2) likewise
@@ -122,27 +131,28 @@ def sample_sequences(batch_size: int, n_frames: int, grid_size: int = DEFAULT_GR
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     B, n, side = int(batch_size), int(n_frames), g_ - 2
+    m = side * side                                                   # interior cells
     rng = np.random.default_rng(seed)
     l_f = g_ * g_ + 1
 
-    def to_rc(idx):  # interior index -> full-grid (row, col)
-        return np.stack([idx // side + 1, idx % side + 1], axis=-1)
-
     actions = rng.integers(NORTH, WEST + 1, size=(B, n))
-    agent = np.empty((B, n, 2), dtype=np.int64)
-    goal = np.empty((B, n, 2), dtype=np.int64)
+    # re-spawn draws for every frame up front, so the stream does not depend on when the goal is hit
+    ra, rg = _random_pair(rng, B * n, m)
+    ra, rg = ra.reshape(B, n), rg.reshape(B, n)
+    step = _transition_table(g_)                                      # (m, 4)
+    a_idx = np.empty((B, n), dtype=np.int64)                          # interior index of the agent
+    g_idx = np.empty((B, n), dtype=np.int64)                          # ... and of the goal
     respawn = np.zeros((B, n), dtype=bool)
-    a0, g0 = _random_pair(rng, B, side * side)
-    agent[:, 0], goal[:, 0] = to_rc(a0), to_rc(g0)
+    a_idx[:, 0], g_idx[:, 0] = ra[:, 0], rg[:, 0]                     # frame 0: a random start
     for t in range(1, n):
-        nxt = _move(agent[:, t - 1], actions[:, t - 1], g_)
-        hit = (nxt == goal[:, t - 1]).all(axis=-1)                       # (B,)
-        # draw re-spawns for the whole batch every frame so the stream does not depend on `hit`
-        ra, rg = _random_pair(rng, B, side * side)
-        agent[:, t] = np.where(hit[:, None], to_rc(ra), nxt)
-        goal[:, t] = np.where(hit[:, None], to_rc(rg), goal[:, t - 1])
+        nxt = step[a_idx[:, t - 1], actions[:, t - 1] - NORTH]
+        hit = nxt == g_idx[:, t - 1]                                  # reached the goal: both re-spawn
+        a_idx[:, t] = np.where(hit, ra[:, t], nxt)
+        g_idx[:, t] = np.where(hit, rg[:, t], g_idx[:, t - 1])
         respawn[:, t] = hit
 
+    agent = np.stack(np.divmod(a_idx, side), axis=-1) + 1             # (B, n, 2) full-grid (row, col)
+    goal = np.stack(np.divmod(g_idx, side), axis=-1) + 1
     tokens = np.empty((B, n, l_f), dtype=np.int64)
     tokens[:, :, :-1] = _render(agent, goal, g_)
     tokens[:, :, -1] = actions
@@ -209,7 +219,11 @@ def frame_errors(pred: np.ndarray, target: np.ndarray, prev: np.ndarray | None =
     wrong_agent = (pred == AGENT).argmax(axis=-1) != (target == AGENT).argmax(axis=-1)
     out = {"geometric": geometric, "logic": geometric | wrong_agent}
     if prev is not None and action is not None:
-        out["predictable"] = ~respawned(prev, action, target)
+        prev, action = np.asarray(prev), np.asarray(action)
+        if prev.shape != pred.shape or action.shape != pred.shape[:1]:
+            raise ValueError(f"prev must be {pred.shape} and action ({pred.shape[0]},), "
+                             f"got {prev.shape} and {action.shape}")
+        out["predictable"] = ~respawned(prev, action)
     return out
 
 
@@ -247,8 +261,8 @@ def oracle_predict(prev: np.ndarray, action: np.ndarray) -> np.ndarray:
     return _render(nxt, np.where(hit, agent, goal), g_)
 
 
-def respawned(prev: np.ndarray, action: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(N,) bool: the agent reached the goal between prev and target, so target's positions are random."""
+def respawned(prev: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """(N,) bool: `action` takes the agent of `prev` onto the goal, so the next frame's positions are random."""
     g_ = _grid_size_of(np.asarray(prev))
     agent, goal = _positions(np.asarray(prev), AGENT, g_), _positions(np.asarray(prev), GOAL, g_)
     return (_move(agent, np.asarray(action), g_) == goal).all(axis=-1)

@@ -184,6 +184,9 @@ def test_frame_errors_shape_checks():
         gw.frame_errors(np.zeros((2, 25), int), np.zeros((3, 25), int))
     with pytest.raises(ValueError):
         gw.frame_errors(np.zeros((2, 24), int), np.zeros((2, 24), int))
+    f = np.stack([frame((1, 1), (2, 2))] * 2)
+    with pytest.raises(ValueError, match="prev must be"):
+        gw.frame_errors(f, f, f[:1], np.array([E, E]))
 
 
 @settings(max_examples=60, deadline=None)

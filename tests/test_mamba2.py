@@ -1,5 +1,4 @@
 """Mamba-2 mixer and backbone: parallel pass vs step vs prefill, fused training path, sizes, errors."""
-import math
 
 import pytest
 import torch

@@ -106,7 +106,7 @@ class RunConfig:
     batch_size: int = 0            # sequences per step; 0 = auto: max(1, tokens_per_step // seq_len)
     d_model: int = 64
     n_layers: int = 2
-    lr: float = 3e-3               # peak AdamW learning rate (linear warm-up, cosine to lr/10)
+    lr: float = 6e-3               # peak AdamW learning rate (linear warm-up, cosine to lr/10)
     eval_sequences: int = 128      # held-out sequences
     warmup: int = 50               # learning-rate warm-up steps
     timed_steps: int = 20          # steps timed for ms/step (after 2 untimed ones)
@@ -330,7 +330,7 @@ def _summarise(task, pred, target, prev, action, prefix: str, method: str) -> di
 def evaluate(model: GridWorldLM, cfg: RunConfig, task, n_frames: int) -> dict:
     dev = torch.device(cfg.device)
     model.eval()
-    tokens_np, info = task.sample(cfg.eval_sequences, n_frames, seed=_eval_seed(cfg.seed), return_info=True)
+    tokens_np = task.sample(cfg.eval_sequences, n_frames, seed=_eval_seed(cfg.seed))
     cells, actions = task.split_frames(tokens_np)                  # (E, n, n_cells), (E, n)
     tokens = torch.from_numpy(tokens_np).to(dev)
     l_f, n_cells = task.frame_len, task.n_cells
@@ -361,14 +361,12 @@ def evaluate(model: GridWorldLM, cfg: RunConfig, task, n_frames: int) -> dict:
         for i in range(0, cfg.eval_sequences, chunk):
             preds.append(imagine_frames(model, tokens[i:i + chunk], task, positions, max_len=cfg.seq_len))
     pos = np.array(positions)
-    preds = np.concatenate(preds).reshape(-1, n_cells)             # (E * K, n_cells), sequence-major
-    tgts = cells[:, pos].reshape(-1, n_cells)
-    prevs = cells[:, pos - 1].reshape(-1, n_cells)
-    acts = actions[:, pos - 1].reshape(-1)
-    pred, tgt, prev, act = preds, tgts, prevs, acts
+    pred = np.concatenate(preds).reshape(-1, n_cells)              # (E * K, n_cells), sequence-major
+    tgt = cells[:, pos].reshape(-1, n_cells)
+    prev = cells[:, pos - 1].reshape(-1, n_cells)
+    act = actions[:, pos - 1].reshape(-1)
     method = f"greedy imagination (prefill true context + {n_cells} steps) at frames {positions}"
-    im = _summarise(task, pred, tgt, prev, act, "", method)
-    out.update(im)
+    out.update(_summarise(task, pred, tgt, prev, act, "", method))
     fe = task.frame_errors(task.oracle_predict(prev, act), tgt, prev, act)
     out["oracle_error_pct"] = metric(task.error_percent(fe["geometric"], fe["logic"])["error"], "%",
                                      "perfect dynamics without re-spawn knowledge, on the imagined frames")
@@ -491,7 +489,10 @@ def _train_and_evaluate(cfg: RunConfig, task, n_frames: int, progress: bool) -> 
 def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
     """A one-screen summary of a run."""
     cfg = cfg.resolved()
-    v = lambda k: metrics[k]["value"]  # noqa: E731
+
+    def v(k):
+        return metrics.get(k, {}).get("value", float("nan"))
+
     return [
         f"{cfg.backbone} on {cfg.task}, L={cfg.seq_len}, seed {cfg.seed}, {cfg.steps} steps x batch {cfg.batch_size}, "
         f"d_model {cfg.d_model}, {cfg.n_layers} layers ({v('n_params'):,} parameters), {cfg.device} {cfg.dtype}",
@@ -499,9 +500,9 @@ def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
         f"peak memory {v('peak_memory') / 2**20:,.0f} MiB ({metrics['peak_memory']['method']})   "
         f"data {v('data_ms_per_step'):.1f} ms/step (excluded)",
         f"  error  {v('error_pct'):6.2f} % imagined (floor {v('oracle_error_pct'):.2f} %, "
-        f"{v('error_above_floor_pp'):+.2f} pp)   predictable frames {metrics.get('error_pct_predictable', {}).get('value', float('nan')):.2f} %",
+        f"{v('error_above_floor_pp'):+.2f} pp)   predictable frames {v('error_pct_predictable'):.2f} %",
         f"         {v('teacher_forced_error_pct'):6.2f} % teacher-forced   predictable frames "
-        f"{metrics.get('teacher_forced_error_pct_predictable', {}).get('value', float('nan')):.2f} %   "
+        f"{v('teacher_forced_error_pct_predictable'):.2f} %   "
         f"re-spawn frames {v('respawn_pct'):.1f} %",
         f"  imagine {v('imagine_ms_per_token'):.2f} ms/token after a {v('imagine_prefill_ms'):.0f} ms prefill   "
         f"train {v('train_time'):.0f} s, eval {v('eval_time'):.0f} s, final loss {v('final_loss'):.4f}",
@@ -509,4 +510,4 @@ def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
 
 
 __all__ = ["GridWorldLM", "RunConfig", "PRESETS", "make_config", "check_config", "train_and_evaluate",
-           "evaluate", "teacher_forced_frames", "imagine_frame", "lr_at", "summary_lines"]
+           "evaluate", "teacher_forced_frames", "imagine_frame", "imagine_frames", "lr_at", "summary_lines"]
