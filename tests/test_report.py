@@ -17,7 +17,7 @@ def _grid_record(backbone, seq_len, seed, ms, err, status="ok"):
         "oracle_error_pct": metric(5.0, "%"), "tokens_per_s": metric(1e5, "tokens/s"),
         "imagine_ms_per_token": metric(0.5, "ms"), "teacher_forced_error_pct": metric(err, "%"),
     }
-    cfg = {"backbone": backbone, "seq_len": seq_len, "seed": seed, "task": "gridworld"}
+    cfg = {"backbone": backbone, "seq_len": seq_len, "seed": seed, "task": "gridworld", "batch_size": 2}
     return make_record("gridworld", cfg, metrics, extra={"status": status})
 
 

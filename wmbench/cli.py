@@ -109,13 +109,16 @@ def _add_run(sub):
     p.add_argument("--seeds", type=_csv(int), default=[0])
     p.add_argument("--preset", default="cpu", help="configuration preset (see `wmbench list`)")
     p.add_argument("--steps", type=int)
-    p.add_argument("--batch", dest="batch_size", type=int)
+    p.add_argument("--batch", dest="batch_size", type=int, help="sequences per step (default: automatic)")
     p.add_argument("--d-model", dest="d_model", type=int)
     p.add_argument("--layers", dest="n_layers", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--eval-sequences", dest="eval_sequences", type=int)
+    p.add_argument("--tokens-per-step", dest="tokens_per_step", type=int,
+                   help="token budget of the automatic batch (batch = tokens_per_step // len)")
     p.add_argument("--dtype", choices=["fp32", "bf16"])
     p.add_argument("--device")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument("--runs-dir", default="results/runs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_run)
@@ -135,7 +138,7 @@ def _cmd_run(a) -> int:
         wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
         raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld")
     overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
-                                            "eval_sequences", "dtype", "device")}
+                                            "eval_sequences", "dtype", "device", "threads", "tokens_per_step")}
     cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s, **overrides)
             for s in a.seeds]
     for cfg in cfgs:                       # every seed's config is valid before any work starts
