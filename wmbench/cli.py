@@ -125,8 +125,8 @@ def _add_run(sub):
 
 
 def _is_oom(e: BaseException) -> bool:
-    oom_type = getattr(__import__("torch"), "OutOfMemoryError", ())
-    return isinstance(e, (MemoryError,) + ((oom_type,) if oom_type else ())) or "out of memory" in str(e).lower()
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
 
 
 def _cmd_run(a) -> int:
