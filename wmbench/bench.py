@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from wmbench import allocator
 from wmbench.errors import UserError
 from wmbench.measure import PeakMemory, matmul_throughput, median, metric, time_calls
 
@@ -107,7 +108,9 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
 
 
 def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int) -> dict:
-    payload = json.dumps({"cfg": asdict(cfg), "backbone": backbone, "length": length})
+    # the cell runs with the parent's malloc mode (the record names it)
+    payload = json.dumps({"cfg": asdict(cfg), "backbone": backbone, "length": length,
+                          "malloc": allocator.active()})
     proc = subprocess.run([sys.executable, "-m", "wmbench.bench", "--cell", payload],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -151,7 +154,7 @@ def format_table(record: dict) -> str:
     m = record["metrics"]
     lines = [f"matmul throughput: {m['matmul_throughput']['value'] / 1e9:.0f} GFLOP/s "
              f"({record['environment']['device_name']}, {record['environment']['torch_threads']} threads, "
-             f"{record['config']['dtype']})",
+             f"{record['config']['dtype']}, malloc {record['environment'].get('malloc', 'system')})",
              f"{'backbone':<12}{'L':>6}{'params':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'GFLOP':>9}"
              f"{'% matmul':>10}  step ms @ context"]
     for b, cells in m["cells"].items():
@@ -168,6 +171,7 @@ def format_table(record: dict) -> str:
 
 def _cell_main(payload: str) -> None:
     d = json.loads(payload)
+    allocator.configure(d["malloc"])
     cfg = BenchConfig(**d["cfg"])
     print(json.dumps(run_cell(cfg, d["backbone"], d["length"])))
 

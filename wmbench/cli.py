@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from wmbench import allocator
+
 
 def _csv(kind):
     def parse(s: str):
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        allocator.configure()
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # UserError is a ValueError
         if os.environ.get("WMBENCH_DEBUG"):

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from wmbench import allocator
+
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
 
@@ -88,6 +90,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "malloc": allocator.active(),
     }
     if device.type == "cuda":
         env["gpu_model"] = torch.cuda.get_device_name(device)
