@@ -79,7 +79,7 @@ class _Mamba2Fused(torch.autograd.Function):
     def _fwd(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, cfg):
         d_inner, conv_dim, H, P, G, N, Q, eps, dt_limit = cfg
         Bsz, L, _ = zxbcdt.shape
-        # same number of chunks, but evened out (L=208, Q=64 -> 4 chunks of 52): less padding
+        # same number of chunks, but evened out (L=208, Q=32 -> 7 chunks of 30): less padding
         Q = -(-L // -(-L // Q))
         Lp = L + (-L) % Q                                          # padded to a chunk multiple
         dtype = zxbcdt.dtype
@@ -183,14 +183,16 @@ class _Mamba2Fused(torch.autograd.Function):
 
 class Mamba2Mixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 headdim: int = 128, ngroups: int = 1, chunk_size: int = 64,
+                 headdim: int = 128, ngroups: int = 1, chunk_size: int | None = None,
                  A_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 1e-3,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] = (0.0, float("inf")), norm_eps: float = 1e-5,
                  kernel: str = "auto"):
         super().__init__()
         check_positive(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand,
-                       headdim=headdim, ngroups=ngroups, chunk_size=chunk_size)
+                       headdim=headdim, ngroups=ngroups)
+        if chunk_size is not None:
+            check_positive(chunk_size=chunk_size)
         d_inner = expand * d_model
         if d_inner % headdim != 0:
             raise ValueError(f"d_inner = expand*d_model = {d_inner} must be a multiple of headdim = {headdim}")
@@ -226,6 +228,13 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     # ---------------------------------------------------------------------------------------------
+    def _chunk(self, u: torch.Tensor) -> int:
+        """SSD chunk length. The result does not depend on it, only speed: by default 256 (mamba-ssm's
+        default) for the CUDA kernel, 32 for the PyTorch path (measured fastest on our 2-core CPU)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return 256 if u.is_cuda and self.kernel != "torch" else 32
+
     def _split(self, zxbcdt):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
@@ -257,7 +266,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
         A = -torch.exp(self.A_log.to(_sd(xBC)))
         return ssd_scan(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-                        self.chunk_size, D=self.D.to(_sd(xBC)), dt_bias=self.dt_bias, dt_softplus=True,
+                        self._chunk(xBC), D=self.D.to(_sd(xBC)), dt_bias=self.dt_bias, dt_softplus=True,
                         dt_limit=self.dt_limit, initial_states=initial_states, kernel=self.kernel)
 
     def _forward(self, u, conv_prefix=None, ssm_state=None):
@@ -275,7 +284,7 @@ class Mamba2Mixer(nn.Module):
         # CPU training path: one fused autograd Function between in_proj and out_proj; the norm
         # weight is folded into out_proj (out_proj(n * w) = n @ (W_out * w)^T)
         cfg = (self.d_inner, self.conv_dim, self.nheads, self.headdim, self.ngroups, self.d_state,
-               self.chunk_size, self.norm.eps, self.dt_limit)
+               self._chunk(u), self.norm.eps, self.dt_limit)
         n = _Mamba2Fused.apply(self.in_proj(u), self.conv1d.weight[:, 0, :], self.conv1d.bias, self.dt_bias,
                                -torch.exp(self.A_log.to(_sd(u))), self.D.to(_sd(u)), cfg)
         return F.linear(n, self.out_proj.weight * self.norm.weight.to(self.out_proj.weight.dtype))

@@ -58,7 +58,7 @@ def sizes_and_options(draw, name: str):
             opts["ngroups"] = draw(st.sampled_from([g for g in (1, 2) if k % g == 0]))
         else:
             d_model = 32  # d_inner 64 = one default head of 64
-        opts.update(d_state=draw(st.sampled_from([4, 8])), chunk_size=draw(st.sampled_from([2, 4, 8])))
+        opts.update(d_state=draw(st.sampled_from([4, 8])), chunk_size=draw(st.sampled_from([None, 2, 4, 8])))
     elif name == "mamba":
         d_model = draw(st.integers(2, 16))
         opts.update(d_state=draw(st.sampled_from([4, 8])), chunk_size=draw(st.sampled_from([None, 2, 4, 8])))

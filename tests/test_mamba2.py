@@ -154,6 +154,23 @@ def test_registered():
     assert bb.name == "mamba2" and bb.config["headdim"] == 32
 
 
+def test_default_chunk_is_32_on_cpu_and_256_for_the_cuda_kernel_and_changes_nothing():
+    torch.manual_seed(0)
+    auto = mamba2(32, 2, headdim=16, d_state=8).double()
+    mixer = auto.blocks[0].mixer
+    x = torch.randn(2, 75, 32, dtype=torch.float64)
+    assert mixer._chunk(x) == 32
+    assert mixer._chunk(torch.empty(0, device="meta")) == 32       # not CUDA: the PyTorch path
+    explicit = mamba2(32, 2, headdim=16, d_state=8, chunk_size=64).double()
+    explicit.load_state_dict(auto.state_dict())
+    xa, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, ye = auto(xa), explicit(xe)
+    assert (ya - ye).abs().max() < 1e-10
+    ya.square().sum().backward()
+    ye.square().sum().backward()
+    assert (xa.grad - xe.grad).abs().max() < 1e-10
+
+
 def test_bf16_autocast_forward_backward():
     torch.manual_seed(0)
     bb = mamba2(64, 2, headdim=16, d_state=8, chunk_size=16)

@@ -34,7 +34,7 @@ class BenchConfig:
     warmup: int = 1
     iters: int = 3
     step_contexts: list[int] = field(default_factory=lambda: [8, 208, 1664])
-    step_iters: int = 20
+    step_iters: int = 100         # step() calls are ~1-15 ms: many samples for a stable median
     seed: int = 0
     backbone_options: dict = field(default_factory=dict)
 
@@ -92,7 +92,7 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
     step_ms = {}
     with torch.no_grad(), _autocast(cfg):
         for ctx in cfg.step_contexts:
-            state = model.init_state(cfg.batch_size, max_len=ctx + cfg.step_iters + 8)
+            state = model.init_state(cfg.batch_size, max_len=ctx + cfg.step_iters + 16)
             _, state = model.prefill(torch.randn(cfg.batch_size, ctx, cfg.d_model, device=dev), state)
             x_t = torch.randn(cfg.batch_size, cfg.d_model, device=dev)
             holder = {"s": state}
@@ -100,7 +100,7 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
             def one_step():
                 _, holder["s"] = model.step(x_t, holder["s"])
 
-            ts = time_calls(one_step, warmup=3, iters=cfg.step_iters, device=dev)
+            ts = time_calls(one_step, warmup=8, iters=cfg.step_iters, device=dev)
             step_ms[str(ctx)] = 1e3 * median(ts)
     out["step_latency"] = metric(step_ms, "ms", f"median of {cfg.step_iters} step() calls after prefill of the context, "
                                  f"batch {cfg.batch_size}, keyed by context length")
