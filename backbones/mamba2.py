@@ -149,28 +149,31 @@ class _Mamba2Fused(torch.autograd.Function):
         # SSD
         dx, ddt, dA, dB, dC, dD, _ = ssd_chunk_backward(saved, Q, dyp, None)
         del dyp
-        # conv + SiLU
+        # SiLU backward straight from the SSD's gradients into one (B, L, conv_dim) buffer
         dpre = torch.empty(Bsz, L, conv_dim, dtype=dtype, device=dev)
-        dpre[..., :d_inner].view(Bsz, L, H, P).copy_(dx[:, :L])
-        dpre[..., d_inner:d_inner + G * N].copy_(dB[:, :L].flatten(-2))
-        dpre[..., d_inner + G * N:].copy_(dC[:, :L].flatten(-2))
+        silu_bwd = torch.ops.aten.silu_backward.grad_input
+        silu_bwd(dx[:, :L], pre[:, :L, :d_inner].view(Bsz, L, H, P),
+                 grad_input=dpre[..., :d_inner].view(Bsz, L, H, P))
+        silu_bwd(dB[:, :L].flatten(-2), pre[:, :L, d_inner:d_inner + G * N], grad_input=dpre[..., d_inner:d_inner + G * N])
+        silu_bwd(dC[:, :L].flatten(-2), pre[:, :L, d_inner + G * N:], grad_input=dpre[..., d_inner + G * N:])
         del dx
-        torch.ops.aten.silu_backward.grad_input(dpre, pre[:, :L], grad_input=dpre)
+        # causal depthwise conv: d xBC[t - s] += dpre[t] w[K-1-s];  dw[:, K-1-s] = sum_{b,t} dpre[t] x[t-s].
+        # One sample at a time, so that its (L, conv_dim) slices stay in cache over the K shifts; the
+        # sums over t are vector-matrix products (a strided sum over rows is several times slower).
         K = conv_w.shape[1]
         w = conv_w.to(dtype)
         dxBC = dzx[..., d_inner:d_inner + conv_dim]
-        torch.mul(dpre, w[:, K - 1], out=dxBC)
-        # dw[:, K-1-s] = sum_{b, t >= s} dpre[b, t] * x[b, t - s]: products into one contiguous buffer,
-        # summed by a matrix-vector product (a strided sum over (b, t) is several times slower)
-        tmp = torch.empty_like(dpre)
+        tmp = torch.empty(L, conv_dim, dtype=dtype, device=dev)
         ones = torch.ones(Bsz * L, dtype=dtype, device=dev)
         dw = torch.zeros(conv_dim, K, dtype=sd, device=dev)
-        for s in range(min(K, L)):
-            if s:
-                dxBC[:, :L - s].addcmul_(dpre[:, s:], w[:, K - 1 - s])
-                tmp[:, :s] = 0
-            torch.mul(dpre[:, s:], xBC[:, :L - s], out=tmp[:, s:])
-            dw[:, K - 1 - s] = (ones @ tmp.view(Bsz * L, conv_dim)).to(sd)
+        for bi in range(Bsz):
+            dp, xb, dxb = dpre[bi], xBC[bi], dxBC[bi]
+            torch.mul(dp, w[:, K - 1], out=dxb)
+            for s in range(min(K, L)):
+                if s:
+                    dxb[:L - s].addcmul_(dp[s:], w[:, K - 1 - s])
+                torch.mul(dp[s:], xb[:L - s], out=tmp[:L - s])
+                dw[:, K - 1 - s] += (ones[:L - s] @ tmp[:L - s]).to(sd)
         db = (ones @ dpre.view(Bsz * L, conv_dim)).to(sd)
         del tmp, dpre
         # dt = softplus(dtr + dt_bias), clamped
