@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
+from wmbench.backbones.ops.causal_conv import causal_conv1d
 from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.selective_scan import selective_scan
 from wmbench.registry import register_backbone
@@ -121,15 +122,15 @@ class MambaMixer(nn.Module):
         if L == 0:
             return x.new_zeros(Bsz, 0, self.d_model), (None if ssm_state is None else (conv_state, ssm_state))
         xs, z = self.in_proj(x).chunk(2, dim=-1)                      # (B, L, d_inner) each
-        xT = xs.transpose(1, 2)                                      # (B, d_inner, L) for conv1d
+        w, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias      # (d_inner, d_conv), (d_inner,)
         if conv_state is None:
-            xc = self.conv1d(xT)[..., :L]                            # zero left padding = empty state
+            xc = causal_conv1d(xs, w, bias)                          # zero history = empty state
         else:
             # prepend the cached last d_conv-1 inputs instead of zeros
-            ctx = torch.cat([conv_state[..., 1:].to(xT.dtype), xT], dim=-1)
-            xc = F.conv1d(ctx, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-            conv_state = ctx[..., -self.d_conv:].to(conv_state.dtype)  # the last d_conv inputs
-        u = F.silu(xc).transpose(1, 2)                               # (B, L, d_inner)
+            ctx = torch.cat([conv_state[..., 1:].transpose(1, 2).to(xs.dtype), xs], dim=1)  # (B, K-1+L, d_inner)
+            xc = causal_conv1d(ctx, w, bias)[:, self.d_conv - 1:]
+            conv_state = ctx[:, -self.d_conv:].transpose(1, 2).to(conv_state.dtype)  # the last d_conv inputs
+        u = F.silu(xc)                                               # (B, L, d_inner)
         dt, B, C = self._ssm_inputs(u)
         A = self._A()
 

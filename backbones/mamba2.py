@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
+from wmbench.backbones.ops.causal_conv import conv_backward, conv_forward
 from wmbench.backbones.ops.ssd import ssd_chunk_backward, ssd_chunk_forward, ssd_scan
 from wmbench.registry import register_backbone
 
@@ -46,19 +47,6 @@ class RMSNormGated(nn.Module):
         gg = g.unflatten(-1, (-1, self.group_size))
         gg = gg * torch.rsqrt(gg.pow(2).mean(-1, keepdim=True) + self.eps)
         return (gg.flatten(-2) * self.weight).to(dtype)
-
-
-def _causal_conv(xBC: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[:, t] = b + sum_k w[:, k] x[:, t - (K-1) + k] (zero history) as K shifted multiply-adds.
-
-    xBC (B, L, C) any strides; w (C, K); out (B, >=L, C). Channels-last, so every op is a
-    contiguous vector FMA and no transpose of the big tensor is needed.
-    """
-    L, K = xBC.shape[1], w.shape[1]
-    torch.addcmul(b, xBC, w[:, K - 1], out=out[:, :L])
-    for s in range(1, min(K, L + 1)):
-        out[:, s:L].addcmul_(xBC[:, :L - s], w[:, K - 1 - s])
-    return out
 
 
 class _Mamba2Fused(torch.autograd.Function):
@@ -89,7 +77,7 @@ class _Mamba2Fused(torch.autograd.Function):
         dtr = zxbcdt[..., d_inner + conv_dim:]
         # conv + SiLU into a (B, Lp, conv_dim) buffer whose padded tail is 0 (= zero SSD input)
         pre = torch.empty(Bsz, Lp, conv_dim, dtype=dtype, device=zxbcdt.device)
-        _causal_conv(xBC, conv_w.to(dtype), conv_b.to(dtype), pre)
+        conv_forward(xBC, conv_w.to(dtype), conv_b.to(dtype), out=pre[:, :L])
         pre[:, L:] = 0
         xc = F.silu(pre)
         dt = F.softplus(dtr.to(sd) + dt_bias.to(sd))
@@ -157,25 +145,9 @@ class _Mamba2Fused(torch.autograd.Function):
         silu_bwd(dB[:, :L].flatten(-2), pre[:, :L, d_inner:d_inner + G * N], grad_input=dpre[..., d_inner:d_inner + G * N])
         silu_bwd(dC[:, :L].flatten(-2), pre[:, :L, d_inner + G * N:], grad_input=dpre[..., d_inner + G * N:])
         del dx
-        # causal depthwise conv: d xBC[t - s] += dpre[t] w[K-1-s];  dw[:, K-1-s] = sum_{b,t} dpre[t] x[t-s].
-        # One sample at a time, so that its (L, conv_dim) slices stay in cache over the K shifts; the
-        # sums over t are vector-matrix products (a strided sum over rows is several times slower).
-        K = conv_w.shape[1]
-        w = conv_w.to(dtype)
-        dxBC = dzx[..., d_inner:d_inner + conv_dim]
-        tmp = torch.empty(L, conv_dim, dtype=dtype, device=dev)
-        ones = torch.ones(Bsz * L, dtype=dtype, device=dev)
-        dw = torch.zeros(conv_dim, K, dtype=sd, device=dev)
-        for bi in range(Bsz):
-            dp, xb, dxb = dpre[bi], xBC[bi], dxBC[bi]
-            torch.mul(dp, w[:, K - 1], out=dxb)
-            for s in range(min(K, L)):
-                if s:
-                    dxb[:L - s].addcmul_(dp[s:], w[:, K - 1 - s])
-                torch.mul(dp[s:], xb[:L - s], out=tmp[:L - s])
-                dw[:, K - 1 - s] += (ones[:L - s] @ tmp[:L - s]).to(sd)
-        db = (ones @ dpre.view(Bsz * L, conv_dim)).to(sd)
-        del tmp, dpre
+        # causal depthwise conv, straight into d zxbcdt's xBC slice
+        _, dw, db = conv_backward(dpre, xBC, conv_w.to(dtype), dx=dzx[..., d_inner:d_inner + conv_dim])
+        del dpre
         # dt = softplus(dtr + dt_bias), clamped
         ddt = ddt[:, :L] * torch.sigmoid(dtr.to(sd) + dt_bias.to(sd))
         if dt_limit[0] > 0.0 or dt_limit[1] < float("inf"):

@@ -163,9 +163,13 @@ def test_presets_and_overrides():
     assert make_config(backbone_options={"headdim": 32}).backbone_options == {"headdim": 32}
     assert make_config(steps=None).steps == RunConfig().steps      # None = keep the preset's value
     # the automatic batch keeps the tokens per step constant across lengths
-    assert make_config(seq_len=1664).batch_size == 2 and make_config(seq_len=208).batch_size == 16
+    assert make_config(seq_len=1664).batch_size == 4 and make_config(seq_len=208).batch_size == 32
     assert make_config(seq_len=208, batch_size=5).batch_size == 5
-    assert RunConfig(seq_len=208).resolved().batch_size == 16
+    assert RunConfig(seq_len=208).resolved().batch_size == 32
+    # per-backbone run settings of the preset, which explicit values override
+    assert make_config(backbone="transformer").lr == 1e-3 and make_config(backbone="mamba").lr == RunConfig().lr
+    assert make_config(backbone="transformer", lr=5e-4).lr == 5e-4
+    assert make_config("paper", backbone="transformer").lr == 1e-3
     with pytest.raises(ValueError, match="unknown preset 'huge'; valid choices: cpu, paper"):
         make_config("huge")
     with pytest.raises(ValueError, match="unknown RunConfig field"):
