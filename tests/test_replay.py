@@ -1,6 +1,8 @@
 """Replay buffer: ring storage, window sampling across the wrap, DFS probabilities, checkpoints."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -132,7 +134,7 @@ def test_dfs_probabilities_official_options():
 
 
 def test_dfs_probabilities_follow_logical_order_after_wrap():
-    rb = filled(6, 9, sampler="dfs")   # physical slots hold t = 6,7,8,3,4,5; oldest slot 3
+    rb = filled(6, 9, sampler="dfs", dfs=DFSConfig())   # physical slots hold t = 6,7,8,3,4,5; oldest slot 3
     rb.wm_count[:] = [10, 11, 12, 0, 1, 2]
     starts, p = rb.probabilities(2)
     assert starts.tolist() == [3, 4, 5, 0, 1]
@@ -152,7 +154,7 @@ def test_dfs_counters_window_vs_start():
 
 
 def test_dfs_prefers_unvisited_and_avoids_overimagined():
-    rb = filled(20, 20, sampler="dfs")
+    rb = filled(20, 20, sampler="dfs", dfs=DFSConfig())
     rb.wm_count[:] = 50
     rb.wm_count[[2, 7]] = 0                  # softmax(-v): mass e^-50 elsewhere
     assert sorted(rb.sample(2, 3)["index"][:, 0].tolist()) == [2, 7]
@@ -181,12 +183,86 @@ def test_uniform_sampler_is_uniform():
 
 def test_make_replay_modes():
     cfg = make_replay("uniform", capacity=10).config()
-    assert cfg["sampler"] == "uniform" and cfg["capacity"] == 10 and cfg["dfs"]["count"] == "window"
-    assert make_replay("dfs", capacity=10).dfs == DFSConfig()
+    assert cfg["sampler"] == "uniform" and cfg["capacity"] == 10 and cfg["dfs"]["count"] == "start"
+    # the default is what produced the paper's numbers: the official code's settings
+    assert make_replay("dfs", capacity=10).dfs == DFSConfig.official() == ReplayBuffer(10).dfs
+    assert make_replay("dfs", capacity=10, dfs_mode="literal").dfs == DFSConfig()
     assert make_replay("dfs", capacity=10, dfs_mode="official", imagine_batch_size=256).dfs.img_scale == 16
     assert make_replay("dfs", capacity=10, tau=3.0).dfs.tau == 3.0
     with pytest.raises(ValueError):
         make_replay(dfs_mode="codeish")
+
+
+# ---------------------------------------------------------------- the paper's scale
+
+def drive_like_xs(mode: str | None = None, env_steps: int = 3000, sampler: str = "dfs"):
+    """The replay buffer as the training loop drives it at XS: capacity 100k, 1,032 warm-up steps, then
+    per env step one 16 x 128 world-model batch and one 1024 x 8 imagination batch. Returns the buffer,
+    the (step, wm ESS, img ESS) of every update and the RuntimeWarnings raised. mode None: the default."""
+    kw = {} if mode is None else {"dfs_mode": mode}
+    rb = make_replay(sampler, capacity=100_000, batch_size=16, imagine_batch_size=1024, seed=0, **kw)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    ess = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(1, env_steps + 1):
+            rb.add(frame, t % 6, 0.0, False)
+            if len(rb) <= 1032:
+                continue
+            row = [t]
+            for B, L, img in ((16, 128, False), (1024, 8, True)):
+                p = rb.probabilities(L, imagination=img)[1] if t % 97 == 0 else None
+                idx = rb.sample_indices(B, L, imagination=img)
+                assert idx.shape == (B, L)
+                stats = getattr(rb, "last_stats", {}).get("img" if img else "wm", {})
+                if not stats.get("with_replacement", 0):
+                    assert len(np.unique(idx[:, 0])) == B
+                if p is not None and stats:   # the logged ESS is 1 / sum(p^2) of the probabilities it drew from
+                    assert stats.get("ess") == pytest.approx(1.0 / float(np.sum(p * p)), rel=1e-9)
+                row.append(stats.get("ess"))
+            ess.append(tuple(row))
+    return rb, ess, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_default_dfs_survives_the_paper_schedule_with_a_spread_out_sampler():
+    """The default crashed at env step ~1164 of `wmbench atari --game Krull` (softmax underflow)."""
+    rb, ess, warned = drive_like_xs()
+    assert rb.dfs == DFSConfig.official(16, 1024)
+    assert len(ess) == 3000 - 1032 and not warned
+    assert min(e[1] for e in ess) >= 64 and min(e[2] for e in ess) >= 64
+    # start-only counting: exactly 16 world-model and 1024 imagination counts per update
+    assert rb.wm_count.sum() == 16 * len(ess) and rb.img_count.sum() == 1024 * len(ess)
+
+
+def test_literal_formula_never_raises_and_warns_once_when_it_collapses():
+    rb, ess, warned = drive_like_xs("literal")
+    assert rb.dfs == DFSConfig() and len(ess) == 3000 - 1032
+    assert len(warned) == 1 and "with replacement" in str(warned[0].message)
+    # the collapse that the warning and the logged ESS report: ~1 effective start out of thousands
+    assert ess[-1][1] < 8 and ess[-1][2] < 8
+
+
+def test_uniform_sampler_at_the_paper_scale():
+    _, ess, warned = drive_like_xs(env_steps=1500, sampler="uniform")
+    assert not warned
+    assert all(wm == t - 128 + 1 and img == t - 8 + 1 for t, wm, img in ess)   # ESS = number of starts
+
+
+def test_softmax_in_log_space_is_exact_and_safe():
+    from wmbench.replay import _softmax
+    x = np.array([0.0, -1.0, -2000.0, -1e6])
+    p = _softmax(x)
+    assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-12
+    assert np.allclose(p[:2], softmax_ref([0.0, -1.0])) and p[2] == 0 and p[3] == 0
+    assert np.allclose(_softmax(np.array([1e6, 1e6])), [0.5, 0.5])
+
+
+def test_ess_and_counter_stats_hand_case():
+    rb = filled(6, 6, sampler="dfs", dfs=DFSConfig(count="start"))
+    rb.wm_count[:] = [0, 0, 50, 50, 50, 50]          # L=2: 5 starts, mass on the first two
+    rb.sample_indices(1, 2)
+    assert abs(rb.last_stats["wm"]["ess"] - 2.0) < 1e-6 and rb.last_stats["wm"]["starts"] == 5
+    assert rb.last_stats["wm"]["max_count"] == 50
 
 
 # ---------------------------------------------------------------- checkpointing

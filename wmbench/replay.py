@@ -22,12 +22,19 @@ and draws window starts with
 With alpha = beta = 1, f = min(0, v - b~): starts the world model has seen at least as often as
 imagination has are uniform; the others are penalised by how far imagination ran ahead.
 
-The paper's formula is the default (tau = tau_img = 1, img_scale = 1, every transition of a sampled
-window is counted: count="window"). The official code (drama-official-code.md s5) differs, and
-`DFSConfig.official()` reproduces it: temperature 10 for both, b divided by
-ImagineBatchSize / BatchSize (1024 / 16 = 64), and only the *start* index of a window counted
-(count="start"). Both draw the B starts of a batch without replacement (falls back to with
-replacement when fewer than B starts exist). Counters are reset when a slot is overwritten.
+Two modes (`DFS_MODES`):
+- "official" (the default): what produced the paper's Atari100k numbers, the official code's
+  settings (drama-official-code.md s5): temperature 10 for both samplers, b divided by
+  ImagineBatchSize / BatchSize (1024 / 16 = 64), and only the *start* of a window counted.
+- "literal": section 2.4 as printed: temperature 1, no scaling of b, every transition of a window
+  counted. At the paper's shapes one update adds 16 x 128 counts to v and 1024 x 8 to b, so within
+  ~100 updates f(v, b) reaches -thousands and nearly all probability sits on a handful of starts.
+  It stays available, numerically safe: probabilities come from a log-space softmax, and when
+  fewer than B starts have non-zero probability the batch is drawn with replacement (one warning).
+
+Both draw the B starts of a batch without replacement when they can. Counters are reset when a
+slot is overwritten. `last_stats` holds, per sampler, the effective sample size 1 / sum(p^2) of the
+last draw and the largest counter, so a collapsing sampler is visible in the training logs.
 
 Checkpointing: `state_dict()` returns only numpy arrays (storage, counters, pointers and the
 sampler's RNG state), so it can be written with safetensors / np.savez without pickle.
@@ -35,17 +42,19 @@ sampler's RNG state), so it can be written with safetensors / np.savez without p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 SAMPLERS = ("uniform", "dfs")
 COUNT_MODES = ("window", "start")
+DFS_MODES = ("official", "literal")
 
 
 @dataclass(frozen=True)
 class DFSConfig:
-    """DFS knobs; defaults = the paper's formula (section 2.4)."""
+    """DFS knobs; the field defaults are section 2.4's formula as printed ("literal" mode)."""
     tau: float = 1.0            # world-model temperature: softmax(-v / tau)
     tau_img: float = 1.0        # imagination temperature: softmax(f / tau_img)
     img_scale: float = 1.0      # b is divided by this (code: ImagineBatchSize / BatchSize = 64)
@@ -56,7 +65,7 @@ class DFSConfig:
     def __post_init__(self):
         if self.count not in COUNT_MODES:
             raise ValueError(f"DFS count must be one of {', '.join(COUNT_MODES)}, got {self.count!r}")
-        if self.tau <= 0 or self.tau_img <= 0 or self.img_scale <= 0:
+        if not (self.tau > 0 and self.tau_img > 0 and self.img_scale > 0):
             raise ValueError("DFS tau, tau_img and img_scale must be positive")
 
     @classmethod
@@ -65,10 +74,20 @@ class DFSConfig:
         return cls(tau=10.0, tau_img=10.0, img_scale=imagine_batch_size / batch_size,
                    alpha=1.0, beta=1.0, count="start")
 
+    @classmethod
+    def from_mode(cls, mode: str, batch_size: int = 16, imagine_batch_size: int = 1024) -> "DFSConfig":
+        if mode == "official":
+            return cls.official(batch_size, imagine_batch_size)
+        if mode == "literal":
+            return cls()
+        raise ValueError(f"unknown DFS mode {mode!r}; valid choices: {', '.join(DFS_MODES)}")
+
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
+    """softmax in log space: exp(x - logsumexp(x)); never NaN for finite input (tiny terms become 0)."""
+    m = logits.max()
+    lse = m + np.log(np.exp(logits - m).sum())
+    return np.exp(logits - lse)
 
 
 class ReplayBuffer:
@@ -82,7 +101,7 @@ class ReplayBuffer:
         self.capacity = int(capacity)
         self.obs_shape = tuple(int(s) for s in obs_shape)
         self.sampler = sampler
-        self.dfs = dfs if dfs is not None else DFSConfig()
+        self.dfs = dfs if dfs is not None else DFSConfig.official()
         self.replace = bool(replace)
         N = self.capacity
         # np.zeros maps pages lazily: a 100k x 64x64x3 buffer costs memory only as it fills
@@ -98,6 +117,9 @@ class ReplayBuffer:
         self.size = 0         # stored transitions
         self.n_added = 0      # transitions ever added
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        # per sampler ("wm", "img"): ESS of the last draw, its number of starts, the largest counter
+        self.last_stats: dict[str, dict[str, float]] = {}
+        self._warned_replacement = False
 
     def config(self) -> dict:
         """Settings for run records / resume checks (not the contents)."""
@@ -174,7 +196,7 @@ class ReplayBuffer:
         return self.gather(self.sample_indices(batch_size, seq_len, imagination), obs_out)
 
     def sample_indices(self, batch_size: int, seq_len: int, imagination: bool = False) -> np.ndarray:
-        """(B, L) physical slots of B sampled windows; updates the DFS counters."""
+        """(B, L) physical slots of B sampled windows; updates the DFS counters and `last_stats`."""
         B, L = int(batch_size), int(seq_len)
         if B < 1 or L < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -184,12 +206,26 @@ class ReplayBuffer:
         replace = self.replace or M < B
         if self.sampler == "uniform":
             k = self.rng.choice(M, size=B, replace=replace)  # (B,) logical starts
+            ess = float(M)
         else:
             p = self._probs(L, imagination)
+            if not replace and np.count_nonzero(p) < B:
+                # the literal formula at scale: (almost) all mass on fewer than B starts
+                replace = True
+                if not self._warned_replacement:
+                    self._warned_replacement = True
+                    warnings.warn(f"DFS: fewer than {B} of {M} window starts have non-zero probability "
+                                  f"(effective sample size {1.0 / float(p @ p):.1f}); drawing this and any "
+                                  "such batch with replacement", RuntimeWarning, stacklevel=2)
             k = self.rng.choice(M, size=B, replace=replace, p=p)
+            ess = 1.0 / float(p @ p)
         # (B, L) physical slots: logical start + offset, wrapped around the array end only
         idx = (self.oldest + k[:, None] + np.arange(L)) % self.capacity
         self._count(idx, imagination)
+        counter = self.img_count if imagination else self.wm_count
+        self.last_stats["img" if imagination else "wm"] = {
+            "ess": ess, "starts": float(M), "max_count": float(counter.max()),
+            "with_replacement": float(replace and not self.replace)}
         return idx
 
     def gather(self, idx: np.ndarray, obs_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -272,13 +308,11 @@ def _unpack_rng(words: np.ndarray) -> np.random.Generator:
     return np.random.Generator(bg)
 
 
-def make_replay(sampler: str = "dfs", capacity: int = 100_000, dfs_mode: str = "paper",
+def make_replay(sampler: str = "dfs", capacity: int = 100_000, dfs_mode: str = "official",
                 batch_size: int = 16, imagine_batch_size: int = 1024, seed: int = 0,
                 **dfs_overrides) -> ReplayBuffer:
-    """Buffer with DFS from the paper ('paper') or the official code ('official'), plus overrides."""
-    if dfs_mode not in ("paper", "official"):
-        raise ValueError(f"dfs_mode must be 'paper' or 'official', got {dfs_mode!r}")
-    cfg = DFSConfig() if dfs_mode == "paper" else DFSConfig.official(batch_size, imagine_batch_size)
+    """Buffer with DFS as the official code ran it ('official') or section 2.4 as printed ('literal')."""
+    cfg = DFSConfig.from_mode(dfs_mode, batch_size, imagine_batch_size)
     if dfs_overrides:
         cfg = dataclasses.replace(cfg, **dfs_overrides)
     return ReplayBuffer(capacity=capacity, sampler=sampler, dfs=cfg, seed=seed)
