@@ -61,25 +61,29 @@ def test_train_step_and_imagination_every_backbone(backbone):
     assert all(math.isfinite(v) for v in ac.values())
 
 
-@pytest.mark.parametrize("start", ["paper", "code"])
+@pytest.mark.parametrize("start,latent", [("paper", "prior"), ("code", "prior"), ("paper", "posterior")])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_imagination_equals_forward_recomputation(backbone, start):
-    """prefill(context) + step(imagined tokens) == one forward pass over the concatenated sequence."""
+def test_imagination_equals_forward_recomputation(backbone, start, latent):
+    """prefill(context) + step(imagined tokens) == one forward pass over the concatenated sequence, and
+    the first policy state is [prior sample after the context, d] (s2.3), or the last frame's posterior."""
     torch.manual_seed(1)
-    cfg = tiny(backbone, imagine_start=start)
+    cfg = tiny(backbone, imagine_start=start, policy_latent=latent)
     wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
     wm.train_step(fake_batch())     # move BatchNorm statistics away from their initial values
     B, T, H = 3, cfg.imag_context, 6
     obs, acts = fake_batch(B, T, seed=3)["obs"], torch.randint(0, N_ACTIONS, (B, T))
-    torch.manual_seed(7)
+    n = T - 1 if start == "paper" else T                 # prefilled steps
+    n_enc = T if latent == "posterior" else n            # frames imagine() encodes
     wm.eval()
-    _, z_ctx = wm.encode(obs)       # the same posterior samples imagine() will draw first
+    torch.manual_seed(7)            # replay imagine()'s random draws: posteriors, then the first prior
+    with torch.no_grad():
+        _, z_ctx = wm.encode(obs[:, :n_enc])
+        h_ctx = wm.backbone(wm.embed(z_ctx[:, :n], acts[:, :n]))
+        z_first = z_ctx[:, -1] if latent == "posterior" else wm.sample_prior(h_ctx[:, -1])
     wm.train()
     torch.manual_seed(7)
     im = wm.imagine(obs, acts, agent, horizon=H)
-    n = T - 1 if start == "paper" else T
-    if start == "paper":
-        assert torch.equal(im.z[:, 0], z_ctx[:, -1])     # the rollout starts from the last real frame
+    assert torch.allclose(im.z[:, 0], z_first, atol=1e-5)   # prefill vs forward: float rounding only
     wm.eval()
     with torch.no_grad():
         x = torch.cat([wm.embed(z_ctx[:, :n], acts[:, :n]), wm.embed(im.z[:, :H], im.actions)], 1)
@@ -87,6 +91,20 @@ def test_imagination_equals_forward_recomputation(backbone, start):
         assert torch.allclose(im.h, h[:, n - 1:], atol=1e-4)
         assert torch.allclose(im.rewards, wm.reward(h[:, n:]), atol=1e-4)
         assert torch.equal(im.terminations, wm.termination(h[:, n:]))
+
+
+def test_imagination_from_the_prior_ignores_the_last_context_frame():
+    """Paper start + prior latent: the l_img-th frame only marks where the rollout starts."""
+    cfg = tiny("gru")
+    wm, agent = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    obs, acts = fake_batch(2, cfg.imag_context, seed=4)["obs"], torch.randint(0, N_ACTIONS, (2, cfg.imag_context))
+    other = obs.clone()
+    other[:, -1] = 255 - other[:, -1]
+    torch.manual_seed(3)
+    a = wm.imagine(obs, acts, agent, horizon=3)
+    torch.manual_seed(3)
+    b = wm.imagine(other, acts, agent, horizon=3)
+    assert torch.equal(a.z, b.z) and torch.equal(a.h, b.h)
 
 
 def test_imagination_reward_alignment_code_option():
@@ -100,17 +118,36 @@ def test_imagination_reward_alignment_code_option():
         assert torch.allclose(im.rewards, wm.reward(im.h[:, :-1]), atol=1e-5)
 
 
-def test_policy_state_layout():
+@pytest.mark.parametrize("latent", ["prior", "posterior"])
+def test_policy_state_layout(latent):
     torch.manual_seed(0)
-    cfg = tiny("gru")
+    cfg = tiny("gru", policy_latent=latent)
     wm = WorldModel(cfg, N_ACTIONS)
     b = fake_batch(2, 4)
     s = wm.policy_state(b["obs"], b["action"][:, :3])
     assert s.shape == (2, cfg.state_dim)
-    s1 = wm.policy_state(b["obs"][:, :1], b["action"][:, :0])
-    assert torch.equal(s1[:, cfg.latent_dim:], torch.zeros(2, cfg.d_model))
     with pytest.raises(ValueError, match="T-1"):
         wm.policy_state(b["obs"], b["action"])
+    # d_{t-1} from the 3 past (frame, action) pairs, as in training
+    wm.eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        _, z = wm.encode(b["obs"] if latent == "posterior" else b["obs"][:, :3])
+        h = wm.backbone(wm.embed(z[:, :3], b["action"][:, :3]))[:, -1]
+        z_t = z[:, -1] if latent == "posterior" else wm.sample_prior(h)
+    torch.manual_seed(5)
+    s = wm.policy_state(b["obs"], b["action"][:, :3])
+    assert torch.allclose(s, torch.cat([z_t, h], -1), atol=1e-5)
+    if latent == "posterior":
+        s1 = wm.policy_state(b["obs"][:, :1], b["action"][:, :0])
+        assert torch.equal(s1[:, cfg.latent_dim:], torch.zeros(2, cfg.d_model))
+    else:   # the prior never looks at the current frame, and needs a past one
+        other = b["obs"].clone()
+        other[:, -1] = 255 - other[:, -1]
+        torch.manual_seed(5)
+        assert torch.equal(wm.policy_state(other, b["action"][:, :3]), s)
+        with pytest.raises(ValueError, match="past frame"):
+            wm.policy_state(b["obs"][:, :1], b["action"][:, :0])
 
 
 # ------------------------------------------------------------------------------------------------

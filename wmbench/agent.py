@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -68,6 +70,49 @@ class ReturnNormalizer(nn.Module):
         return torch.clamp(self.hi - self.lo, min=1.0)
 
 
+class RunningNorm(nn.Module):
+    """The official code's actor-input normalisation (`VecNormalize`): (x - mean) / sqrt(var + eps),
+    clipped at ±clip, with mean and var the running moments of every input it has seen (batch moments
+    merged by Chan et al.'s parallel update; count starts at 1e-4, var at 1).
+
+    Unlike the code, the moments are buffers (checkpointed, so a resumed run is exact) and they are
+    frozen while `frozen` is set (evaluation then leaves training untouched)."""
+
+    def __init__(self, dim: int, eps: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        self.eps, self.clip, self.frozen = eps, clip, False
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        b_mean, b_var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = b_mean - self.mean
+        w = float(n / total)
+        m2 = self.var * float(self.count) + b_var * n + delta.square() * float(self.count * n / total)
+        self.mean.add_(delta * w)
+        self.var.copy_(m2 / float(total))
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            self.update(x)
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+def orthogonal_init(mlp: nn.Sequential, out_gain: float) -> None:
+    """The official code's `layer_init`: orthogonal weights (gain sqrt(2) for hidden layers, `out_gain`
+    for the output layer), zero biases."""
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    for i, m in enumerate(linears):
+        nn.init.orthogonal_(m.weight, out_gain if i == len(linears) - 1 else math.sqrt(2))
+        nn.init.zeros_(m.bias)
+
+
 class ActorCritic(TrainState, nn.Module):
     def __init__(self, cfg: DramaConfig, n_actions: int, state_dim: int | None = None):
         super().__init__()
@@ -77,11 +122,17 @@ class ActorCritic(TrainState, nn.Module):
         self.state_dim = cfg.state_dim if state_dim is None else state_dim
         self.actor = rms_mlp(self.state_dim, cfg.actor_hidden, n_actions, cfg.ac_layers)
         self.critic = rms_mlp(self.state_dim, cfg.critic_hidden, cfg.reward_bins, cfg.ac_layers)
-        nn.init.zeros_(self.critic[-1].weight)     # start from v = 0 (DreamerV3)
-        nn.init.zeros_(self.critic[-1].bias)
-        with torch.no_grad():                      # near-uniform initial policy (code: std 0.001)
-            self.actor[-1].weight.mul_(0.01)
-            self.actor[-1].bias.zero_()
+        if cfg.init == "code":
+            orthogonal_init(self.actor, 0.001)
+            orthogonal_init(self.critic, 0.001)
+        else:
+            nn.init.zeros_(self.critic[-1].weight)     # start from v = 0 (DreamerV3)
+            nn.init.zeros_(self.critic[-1].bias)
+            with torch.no_grad():                      # near-uniform initial policy
+                self.actor[-1].weight.mul_(0.01)
+                self.actor[-1].bias.zero_()
+        # the code's actor sees normalised states; its critic does not
+        self.input_norm = RunningNorm(self.state_dim) if cfg.actor_input_norm else None
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.twohot = TwoHot(cfg.reward_bins)
         self.return_norm = ReturnNormalizer(cfg.return_percentiles, cfg.return_norm_decay)
@@ -101,15 +152,35 @@ class ActorCritic(TrainState, nn.Module):
             raise ValueError(f"states must end in state_dim={self.state_dim} ([z, d]), got {tuple(s.shape)}")
         return s.float()
 
+    @contextlib.contextmanager
+    def frozen_input_stats(self):
+        """Evaluate without moving the actor-input statistics (a no-op without actor_input_norm)."""
+        if self.input_norm is None:
+            yield
+            return
+        old, self.input_norm.frozen = self.input_norm.frozen, True
+        try:
+            yield
+        finally:
+            self.input_norm.frozen = old
+
     def logprobs(self, states: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(self.actor(states), -1)
+        if self.input_norm is not None:
+            states = self.input_norm(states)
+        with torch.autocast(states.device.type, torch.bfloat16, enabled=bool(self.cfg.amp)):
+            logits = self.actor(states)
+        logp = F.log_softmax(logits.float(), -1)
         u = self.cfg.actor_unimix
         if u > 0:
             logp = torch.log((1 - u) * logp.exp() + u / self.n_actions)
         return logp
 
+    def critic_logits(self, states: torch.Tensor, slow: bool = False) -> torch.Tensor:
+        with torch.autocast(states.device.type, torch.bfloat16, enabled=bool(self.cfg.amp)):
+            return (self.slow_critic if slow else self.critic)(states).float()
+
     def value(self, states: torch.Tensor, slow: bool = False) -> torch.Tensor:
-        return self.twohot.decode((self.slow_critic if slow else self.critic)(states))
+        return self.twohot.decode(self.critic_logits(states, slow))
 
     @torch.no_grad()
     def act(self, states: torch.Tensor, greedy: bool = False) -> torch.Tensor:
@@ -145,7 +216,7 @@ class ActorCritic(TrainState, nn.Module):
         entropy = -(logp.exp() * logp).sum(-1)
         policy_loss = -(logp_a * adv).mean()
         entropy_loss = -cfg.entropy * entropy.mean()
-        critic_logits = self.critic(s[:, :-1])
+        critic_logits = self.critic_logits(s[:, :-1])
         value_loss = self.twohot.loss(critic_logits, R) + self.twohot.loss(critic_logits, slow_target)
         loss = policy_loss + entropy_loss + value_loss
         out = check_finite({"ac_loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,

@@ -34,6 +34,8 @@ MODES = {
     "reward_alignment": ("paper", "code"),
     "lambda_return": ("dreamerv3", "storm"),
     "critic_target": ("dreamerv3", "storm"),
+    "policy_latent": ("prior", "posterior"),
+    "init": ("torch", "code"),
 }
 
 
@@ -78,16 +80,24 @@ class DramaConfig:
     weight_decay_mode: str = "unscaled"   # code: p -= wd * p every step; "decoupled" = AdamW's lr * wd
     wm_grad_clip: float = 1000.0
     wm_warmup: int = 1000
-    amp: bool = False             # bf16 autocast for the world model (the code trains in bf16)
+    decay_ssm_params: bool = False  # weight-decay A_log, D, dt_bias too (code: every parameter decays)
+    amp: bool = False             # bf16 autocast, world model and actor-critic (the code trains in bf16)
+    init: str = "torch"           # PyTorch defaults, zero reward/critic outputs (DreamerV3); "code": below
+    #   "code" = the official code's initialisation: truncated normal (fan-avg) for the encoder, decoder
+    #   and reward/termination heads; orthogonal gain sqrt(2) for actor/critic hidden layers, 0.001 for
+    #   their output layers; zero biases
     batch_size: int = 16          # code (the paper gives no b, l)
     batch_length: int = 128
     # --- imagination (Table 8, section 2.3) ---
     imag_batch: int = 1024
     imag_context: int = 8
     imag_horizon: int = 16
-    imagine_start: str = "paper"      # paper: prefill l_img-1 steps, start from the last real frame
+    imagine_start: str = "paper"      # Alg. 1: prefill l_img-1 steps, start at step l_img; "code": prefill
+                                      # all l_img, start one step beyond the context
+    policy_latent: str = "prior"      # s2.3: the policy sees the prior ẑ_t with d_{t-1} (code too);
+                                      # "posterior": the current frame's posterior z_t where one exists
     reward_alignment: str = "paper"   # paper: r_t from d_t after (z_t, a_t); "code": from d_{t-1}
-    act_context: int = 16             # frames of real context used to act in the environment (code)
+    act_context: int = 16             # past (frame, action) pairs used to act in the environment (code)
     # --- actor-critic (Table 8; optimiser from the code) ---
     ac_layers: int = 2
     actor_hidden: int = 256
@@ -106,6 +116,7 @@ class DramaConfig:
     return_percentiles: tuple = (5.0, 95.0)
     lambda_return: str = "dreamerv3"  # bootstrap with V(s_{t+1}); "storm" = the code's V(s_t)
     critic_target: str = "dreamerv3"  # regularise toward slow critic's V; "storm": toward slow λ-return
+    actor_input_norm: bool = False    # code: running mean/var normalisation of [z, d], clipped at ±10
 
     def __post_init__(self):
         self.enc_filters = tuple(int(f) for f in self.enc_filters)
@@ -135,6 +146,9 @@ class DramaConfig:
             raise ValueError(f"kernel must be odd (for 'same' padding), got {self.kernel}")
         if self.imagine_start == "paper" and self.imag_context < 2:
             raise ValueError("imag_context must be >= 2 with imagine_start='paper' (context + start frame)")
+        for k in ("amp", "decay_ssm_params", "actor_input_norm"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
         for k in ("unimix", "actor_unimix", "dropout"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ValueError(f"{k} must be in [0, 1), got {getattr(self, k)!r}")
@@ -172,6 +186,35 @@ class DramaConfig:
     def replace(self, **overrides) -> "DramaConfig":
         check_fields(overrides)
         return dataclasses.replace(self, **overrides)
+
+
+# Where the paper and the official code differ: (field, paper's or wmbench's default, the code's value,
+# what it is). `--faithful code` sets every code value at once (with `dfs_mode=official`, already the
+# default, and bf16 `amp` only where the device computes bf16 natively). README: "paper vs code".
+PAPER_VS_CODE: tuple[tuple[str, Any, Any, str], ...] = (
+    ("free_bits_mode", "step", "batch", "free bits: max(1, KL) per step (eq. 7) or on the batch-mean KL"),
+    ("headdim", 128, 64, "Mamba-2 head dim: Table 6, or mamba-ssm's default the code ran with"),
+    ("imagine_start", "paper", "code", "prefill l_img-1 real steps and start at step l_img (Alg. 1), "
+                                       "or prefill all l_img and start one step beyond"),
+    ("policy_latent", "prior", "prior", "the policy's latent: the prior ẑ_t (s2.3; code)"),
+    ("reward_alignment", "paper", "code", "imagined r_t, e_t from d_t after (z_t, a_t) (Fig. 1), "
+                                          "or one step late"),
+    ("lambda_return", "dreamerv3", "storm", "λ-return bootstrap V(s_{t+1}) (DreamerV3), or V(s_t)"),
+    ("critic_target", "dreamerv3", "storm", "critic regulariser toward the slow critic's value, "
+                                            "or toward the slow λ-return"),
+    ("ac_layers", 2, 3, "actor and critic hidden layers: Table 8, or the code's config"),
+    ("actor_input_norm", False, True, "running mean/var normalisation of the actor's input, clip ±10"),
+    ("decay_ssm_params", False, True, "weight decay also on A_log, D and dt_bias"),
+    ("init", "torch", "code", "initialisation (paper silent): PyTorch/DreamerV3, or the code's"),
+    ("amp", False, True, "bf16 autocast for the world model and the actor-critic"),
+)
+
+
+def code_choices(bf16: bool) -> dict:
+    """DramaConfig overrides that reproduce the official code (amp only if the device has native bf16)."""
+    out = {field: code for field, _, code, _ in PAPER_VS_CODE}
+    out["amp"] = bool(bf16)
+    return out
 
 
 def check_fields(overrides: dict) -> None:

@@ -127,6 +127,24 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
+def trunc_normal_init(m: nn.Module) -> None:
+    """DreamerV3's fan-average initialisation, as the official code applies it (`weight_init`): weights
+    ~ N(0, std^2) truncated at ±2 std, std = sqrt(1 / fan_avg) / 0.8796 (the truncation's std factor),
+    fan_avg = (fan_in + fan_out) / 2 with the kernel area counted; zero biases. Linear and (transposed)
+    convolutions only; use with `module.apply`."""
+    if isinstance(m, nn.Linear):
+        fan_avg = (m.in_features + m.out_features) / 2
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        area = m.kernel_size[0] * m.kernel_size[1]
+        fan_avg = area * (m.in_channels + m.out_channels) / 2
+    else:
+        return
+    std = math.sqrt(1.0 / fan_avg) / 0.87962566103423978
+    nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """log((1 - u) softmax(logits) + u / C): keeps every class probability >= u / C (KL stays finite)."""
     probs = torch.softmax(logits, -1)
@@ -206,12 +224,13 @@ class LaProp(torch.optim.Optimizer):
 
 
 def make_optimizer(module: nn.Module, kind: str, lr: float, eps: float, weight_decay: float = 0.0,
-                   weight_decay_mode: str = "unscaled", warmup: int = 0):
-    """Optimiser + linear-warm-up scheduler; params flagged `_no_weight_decay` (A_log, D, ...) are not decayed."""
+                   weight_decay_mode: str = "unscaled", warmup: int = 0, decay_all: bool = False):
+    """Optimiser + linear-warm-up scheduler. Parameters flagged `_no_weight_decay` (A_log, D, dt_bias:
+    mamba-ssm's convention) are not decayed unless `decay_all` (the official code decays everything)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+            (no_decay if getattr(p, "_no_weight_decay", False) and not decay_all else decay).append(p)
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
     groups = [g for g in groups if g["params"]]
     if kind == "laprop":
@@ -316,12 +335,16 @@ class WorldModel(TrainState, nn.Module):
         self.prior_head = nn.Linear(D, K * C)                            # p(ẑ_{t+1} | d_t)
         self.reward_head = rms_mlp(D, cfg.head_hidden, cfg.reward_bins, cfg.head_layers)
         self.term_head = rms_mlp(D, cfg.head_hidden, 1, cfg.head_layers)
-        nn.init.zeros_(self.reward_head[-1].weight)   # DreamerV3: start by predicting reward 0
-        nn.init.zeros_(self.reward_head[-1].bias)
+        if cfg.init == "code":   # the official code: truncated normal on the conv nets and the heads
+            for m in (self.encoder, self.decoder, self.reward_head, self.term_head):
+                m.apply(trunc_normal_init)
+        else:
+            nn.init.zeros_(self.reward_head[-1].weight)   # DreamerV3: start by predicting reward 0
+            nn.init.zeros_(self.reward_head[-1].bias)
         self.twohot = TwoHot(cfg.reward_bins)
         self.optimizer, self.scheduler = make_optimizer(
             self, cfg.wm_optimizer, cfg.wm_lr, cfg.wm_eps, cfg.wm_weight_decay, cfg.weight_decay_mode,
-            cfg.wm_warmup)
+            cfg.wm_warmup, decay_all=cfg.decay_ssm_params)
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
 
     # --- parameter accounting ---
@@ -453,9 +476,13 @@ class WorldModel(TrainState, nn.Module):
         """Roll out `horizon` steps from b_img real contexts of length l_img (section 2.3, Algorithm 1).
 
         context_obs (B, l_img, ...frame) uint8, context_actions (B, l_img) long; `actor` is an object
-        with `.act(states) -> (B,) long` or such a callable. imagine_start='paper': the first l_img-1
-        steps are `prefill`ed (one parallel pass) and the rollout starts from the last real frame's
-        posterior z; 'code': all l_img steps are prefilled and the rollout starts from a prior sample.
+        with `.act(states) -> (B,) long` or such a callable.
+        - imagine_start='paper' (Alg. 1): the first l_img-1 steps are `prefill`ed (one parallel pass) and
+          the rollout starts at step l_img; 'code': all l_img steps are prefilled and the rollout starts
+          one step beyond the context.
+        - The first policy state is [ẑ, d] with ẑ sampled from the prior after the prefilled context
+          (s2.3: the policy's latent is the prior). policy_latent='posterior' with the paper start uses
+          the last context frame's posterior instead.
         Each imagined step is one backbone `step`. No state is reset where an episode ends.
         """
         cfg = self.cfg
@@ -471,16 +498,18 @@ class WorldModel(TrainState, nn.Module):
         n_prefill = T - 1 if cfg.imagine_start == "paper" else T
         if n_prefill < 1:
             raise ValueError(f"l_img must be >= {2 if cfg.imagine_start == 'paper' else 1}, got {T}")
+        start_on_posterior = cfg.imagine_start == "paper" and cfg.policy_latent == "posterior"
+        n_encode = T if start_on_posterior else n_prefill   # frames whose posterior is used
         was_training = self.training
         self.eval()   # BatchNorm running statistics, no dropout (as in the code)
         try:
             with autocast(cfg, self.device):
-                _, z_ctx = self.encode(context_obs)                       # (B, T, K*C)
+                _, z_ctx = self.encode(context_obs[:, :n_encode])           # (B, n_encode, K*C)
                 state = self.backbone.init_state(B, max_len=n_prefill + H)
                 x_ctx = self.embed(z_ctx[:, :n_prefill], actions_ctx[:, :n_prefill])
                 h_ctx, state = self.backbone.prefill(x_ctx, state)       # (B, n_prefill, d): one pass
                 h_prev = h_ctx[:, -1]
-                z_t = z_ctx[:, -1] if cfg.imagine_start == "paper" else self.sample_prior(h_prev)
+                z_t = z_ctx[:, -1] if start_on_posterior else self.sample_prior(h_prev)
                 zs, hs, acts, rews, terms = [z_t], [h_prev], [], [], []
                 for _ in range(H):
                     a_t = torch.as_tensor(policy(torch.cat([z_t, h_prev], -1)), device=self.device).long()
@@ -502,27 +531,33 @@ class WorldModel(TrainState, nn.Module):
         """The state to act on in the real environment, from a short window of real experience.
 
         obs (B, T, ...frame): the last T frames, the current one last; actions (B, T-1): the actions taken
-        after the first T-1 of them. Returns s = [z_T-1 (posterior of the current frame), d_T-2]
-        (B, latent_dim + d), the same layout as imagination states (d = 0 when T == 1).
-        Deviation from the code, which acts on a prior sample and never sees the current frame.
+        after the first T-1 of them. d_{t-1} comes from running the backbone over the T-1 past
+        (frame, action) pairs (the official code: no recurrent cache in the real env). Returns
+        (B, latent_dim + d), the layout of imagination states:
+        - policy_latent='prior' (s2.3, the code): [ẑ_t ~ p(. | d_{t-1}), d_{t-1}]; the current frame is
+          not looked at. Needs T >= 2 (the caller acts at random on an episode's first step, as the code).
+        - 'posterior': [z_t (posterior of the current frame), d_{t-1}] (d = 0 when T == 1).
         """
         actions = self._check_actions(actions)
         B, T = obs.shape[:2]
         if tuple(actions.shape) != (B, T - 1):
             raise ValueError(f"actions must be (B, T-1) = ({B}, {T - 1}), got {tuple(actions.shape)}")
+        prior = self.cfg.policy_latent == "prior"
+        if prior and T < 2:
+            raise ValueError("policy_latent='prior' needs at least one past frame (T >= 2)")
         was_training = self.training
         self.eval()
         try:
-            _, z = self.encode(obs)
-            if T > 1:
-                h = self.backbone(self.embed(z[:, :-1], actions))[:, -1]
-            else:
-                h = z.new_zeros(B, self.cfg.d_model)
-            # imagine_start='code' (STORM's scheme): act on a prior sample, the current frame unseen
-            z_t = z[:, -1] if self.cfg.imagine_start == "paper" else self.sample_prior(h)
+            with autocast(self.cfg, self.device):
+                _, z = self.encode(obs[:, :-1] if prior else obs)
+                if T > 1:
+                    h = self.backbone(self.embed(z[:, :T - 1], actions))[:, -1]
+                else:
+                    h = z.new_zeros(B, self.cfg.d_model)
+                z_t = self.sample_prior(h) if prior else z[:, -1]
         finally:
             self.train(was_training)
-        return torch.cat([z_t, h], -1)
+        return torch.cat([z_t, h], -1).float()
 
 
 # ----------------------------------------------------------------------------------------------
