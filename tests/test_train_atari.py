@@ -81,7 +81,7 @@ def test_kill_and_resume_matches_uninterrupted_run(full_run, tmp_path):
         assert np.array_equal(ca.arrays[k], cb.arrays[k]), k
     ra = json.loads((d / "run" / "record.json").read_text())
     rb = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert ra["final_eval_returns"] == rb["final_eval_returns"]
+    assert ra["final_eval"] == rb["final_eval"]
     assert ra["episodes"] == rb["episodes"]
 
 
@@ -100,8 +100,21 @@ def test_run_record_is_valid(full_run):
     assert all(e["length"] == EP_LEN for e in rec["episodes"])
     assert [e["step"] for e in rec["eval_history"]] == [12, 24]
     m = rec["metrics"]
-    assert m["final_eval_return"]["n"] == len(rec["final_eval_returns"]) == 3
-    assert m["final_eval_return"]["value"] == pytest.approx(np.mean(rec["final_eval_returns"]))
+    # the headline is the paper's score: the mean of the last 5 training episodes
+    assert m["score"]["value"] == pytest.approx(np.mean([e["return"] for e in rec["episodes"][-5:]]))
+    assert m["score"]["n"] == 3 and "last 5 training episodes" in m["score"]["method"]
+    assert m["score_over_random"]["value"] == pytest.approx(m["score"]["value"] / m["random_return"]["value"])
+    fe = rec["final_eval"]
+    assert m["final_eval_return"]["n"] == len(fe["returns"]) == len(fe["lengths"]) == 3
+    assert m["final_eval_return"]["value"] == pytest.approx(np.mean(fe["returns"]))
+    # every action of the final evaluation is counted: 3 full 10-step games
+    assert sum(fe["action_counts"]) == sum(fe["lengths"]) == 3 * EP_LEN and len(fe["action_counts"]) == 4
+    assert m["final_eval_top_action_fraction"]["value"] == pytest.approx(max(fe["action_fractions"]))
+    # every paper-vs-code choice is named, with the value this run used
+    ch = {c["field"]: c for c in rec["paper_vs_code"]}
+    assert rec["faithful"] == "paper" and ch["dfs_mode"]["value"] == "official"
+    assert ch["policy_latent"]["value"] == "prior" and ch["headdim"]["value"] == 16   # tiny's head dim
+    assert all(set(c) == {"field", "value", "paper", "code", "what"} for c in ch.values())
     from wmbench.tasks.gridgoal import expected_return
     assert m["random_return"]["value"] == pytest.approx(expected_return("random", episode_length=EP_LEN))
     assert m["optimal_return"]["value"] > m["random_return"]["value"]
@@ -110,7 +123,8 @@ def test_run_record_is_valid(full_run):
     assert rec["protocol"]["episode_length"] == EP_LEN and rec["ale_py_version"]
     from wmbench.atari_report import atari_markdown
     md = atari_markdown([rec])
-    assert "## gridgoal" in md and "| mamba2 | dfs | tiny | 0 | 32 |" in md
+    assert "## gridgoal" in md and f"| mamba2 | dfs | tiny | paper | 0 | 32 | **{m['score']['value']:.2f}** |" in md
+    assert "| **score** | score / random | final eval (N) |" in md
 
 
 def test_mismatched_config_is_refused_and_nothing_overwritten(tmp_path):
@@ -167,24 +181,53 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert not list((tmp_path / "runs").glob("*.json"))   # no run record for a failed run
 
 
-def test_ctrl_c_checkpoints_at_the_step_boundary(tmp_path, monkeypatch):
-    """First SIGINT: the step finishes, a checkpoint is written, train() returns; the handler is restored."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_at_the_step_boundary(tmp_path, monkeypatch, signame):
+    """First SIGINT / SIGTERM: the step finishes, a checkpoint is written, train() returns; the handlers are
+    restored."""
     import os
     import signal
     from wmbench.world_model import WorldModel
     orig, calls = WorldModel.train_step, []
+    sig = getattr(signal, signame)
 
     def interrupted(self, batch):
         calls.append(1)
         if len(calls) == 2:                       # during the update of env step 18
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return orig(self, batch)
     monkeypatch.setattr(WorldModel, "train_step", interrupted)
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     s = train(_cfg(tmp_path / "run", tmp_path / "runs", steps=30), progress=False)
     assert s["stopped"] and s["step"] == 18 and s["updates"] == 2
     assert ckpt.load_checkpoint(tmp_path / "run").step == 18
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_checkpoints_by_wall_time(tmp_path, monkeypatch):
+    """With step checkpoints off, a checkpoint still comes every `checkpoint_minutes` of wall time."""
+    from wmbench import train_atari
+    clock = {"t": 1000.0}
+    real = train_atari.time.perf_counter
+
+    def fake_clock():   # each call advances 1 s: checkpoint_minutes=0.1 (6 s) -> every few steps
+        clock["t"] += 1.0
+        return clock["t"]
+    monkeypatch.setattr(train_atari.time, "perf_counter", fake_clock)
+    saved = []
+    orig = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda run_dir, step, *a, **k: saved.append(step) or
+                        orig(run_dir, step, *a, **k))
+    train(_cfg(tmp_path / "run", tmp_path / "runs", steps=20, checkpoint_every=0, checkpoint_minutes=0.1,
+               eval_every=0), progress=False)
+    monkeypatch.setattr(train_atari.time, "perf_counter", real)
+    assert len(saved) >= 3 and saved[-1] == 20 and saved == sorted(saved)
+    assert all(b - a >= 1 for a, b in zip(saved, saved[1:]))
+    # off: only the end-of-run checkpoint
+    saved.clear()
+    train(_cfg(tmp_path / "run2", tmp_path / "runs", steps=20, checkpoint_every=0, checkpoint_minutes=0,
+               eval_every=0), progress=False)
+    assert saved == [20]
 
 
 def _cli(*args):
@@ -238,10 +281,11 @@ def test_evaluate_runs_exactly_n_full_episodes(one_thread):
     wm, ag = WorldModel(cfg, 4), ActorCritic(cfg, 4)
     make = lambda s: make_env("gridgoal", seed=s, episode_length=3)  # noqa: E731
     state = torch.get_rng_state()
-    r1 = evaluate(wm, ag, make, n_episodes=3, n_envs=2, act_context=cfg.act_context, greedy=False, seed=1)
+    r1 = evaluate(wm, ag, make, n_episodes=3, n_envs=2, mcfg=cfg, greedy=False, seed=1)
     assert torch.equal(torch.get_rng_state(), state)     # evaluation leaves the training RNG alone
-    r2 = evaluate(wm, ag, make, n_episodes=3, n_envs=2, act_context=cfg.act_context, greedy=False, seed=1)
-    assert len(r1) == 3 and r1 == r2 and all(0 <= r <= 3 for r in r1)
+    r2 = evaluate(wm, ag, make, n_episodes=3, n_envs=2, mcfg=cfg, greedy=False, seed=1)
+    assert len(r1.returns) == 3 and r1 == r2 and all(0 <= r <= 3 for r in r1.returns)
+    assert r1.lengths == [3, 3, 3] and sum(r1.action_counts) == 9
 
 
 def test_acting_context_keeps_the_last_T_frames_and_actions_between_them():

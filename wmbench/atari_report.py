@@ -1,9 +1,10 @@
 """Markdown tables of `wmbench atari` run records (called by wmbench/report.py).
 
 One table per game; one row per run (seed), then a mean row per configuration when it has several
-seeds. Columns: backbone, sampler, size, seed, env steps, final evaluation score (mean ± std over its
-episodes), human-normalised score (Atari) or agent / random (gridgoal), mean of the last 5 training
-episodes (the paper's running average), env steps/s and the hardware it ran on.
+seeds. The headline column is the paper's score: the mean of the last 5 training episodes (older
+records call it `train_return_last5`), with its human-normalised value (Atari) or its ratio to the
+random policy (gridgoal). Then the final evaluation (mean ± std over its full games, greedy unless the
+run said otherwise), env steps/s and the hardware it ran on.
 """
 from __future__ import annotations
 
@@ -32,16 +33,45 @@ def _hardware(rec: dict) -> str:
     return name
 
 
+def _score(rec: dict):
+    v = _m(rec, "score")
+    return v if v is not None else _m(rec, "train_return_last5")
+
+
+def _score_ref(rec: dict, grid: bool):
+    v = _m(rec, "score_over_random" if grid else "score_human_normalized")
+    if v is None and _score(rec) is not None:   # records made before the score had its own metric
+        if grid and _m(rec, "random_return"):
+            v = _score(rec) / _m(rec, "random_return")
+        elif not grid:
+            from wmbench.tasks.atari import human_normalized
+            v = human_normalized(rec["config"]["game"], _score(rec))
+    return v
+
+
+def _sampler(c: dict) -> str:
+    """dfs (the official code's, the default), dfs-literal (section 2.4 as printed), or uniform."""
+    if c.get("sampler") != "dfs":
+        return str(c.get("sampler"))
+    return "dfs" if c.get("dfs_mode") == "official" else "dfs-literal"
+
+
+def _eval_ref(rec: dict, grid: bool):
+    return _m(rec, "final_eval_over_random" if grid else "final_eval_human_normalized")
+
+
 def atari_markdown(records: list[dict]) -> str:
     """Markdown for all `kind == "atari"` records (others are ignored)."""
     recs = [r for r in records if r.get("kind") == "atari"]
     lines = ["# Drama agent runs (`wmbench atari`)", ""]
     if not recs:
         return "\n".join(lines + ["No Atari run records.", ""])
-    lines += ["Final eval: mean return of the final model over N evaluation episodes (± std). "
-              "Last-5: mean of the last 5 training episodes (the paper's running average). "
-              "HNS: (score − random) / (human − random). For gridgoal: agent / random policy "
-              "(random and optimal returns are exact expectations).", ""]
+    lines += ["Score: the mean return of the last 5 training episodes, as the paper reports it (a 5-episode "
+              "running average read at the end of training; the paper averages it over 5 seeds per game). "
+              "HNS: (x − random) / (human − random). For gridgoal: x / random policy (random and optimal "
+              "returns are exact expectations). Final eval: the final model over N full games (± std). "
+              "Faithful –: a record made before `--faithful` existed (then: literal DFS, acting on the "
+              "posterior of the current frame).", ""]
     by_game: dict[str, list[dict]] = collections.defaultdict(list)
     for r in recs:
         by_game[r.get("config", {}).get("game", "?")].append(r)
@@ -54,28 +84,29 @@ def atari_markdown(records: list[dict]) -> str:
         if grid:
             rnd, opt = _m(rows[0], "random_return"), _m(rows[0], "optimal_return")
             lines += [f"Random policy {_f(rnd)}, optimal policy {_f(opt)} (per episode).", ""]
-        ref = "agent / random" if grid else "HNS"
-        lines.append(f"| backbone | sampler | size | seed | env steps | final eval (N) | {ref} | last-5 train | "
-                     "env steps/s | hardware |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        ref = "/ random" if grid else "HNS"
+        lines.append(f"| backbone | sampler | size | faithful | seed | env steps | **score** | score {ref} | "
+                     f"final eval (N) | eval {ref} | env steps/s | hardware |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         groups: dict[tuple, list[dict]] = collections.defaultdict(list)
         for r in rows:
             c = r["config"]
-            key = (c.get("backbone"), c.get("sampler"), c.get("size"), c.get("steps"))
+            key = (c.get("backbone"), _sampler(c), c.get("size"), c.get("faithful", "–"), c.get("steps"))
             groups[key].append(r)
-            refv = _m(r, "final_eval_over_random") if grid else _m(r, "final_eval_human_normalized")
             lines.append(
-                f"| {c.get('backbone')} | {c.get('sampler')} | {c.get('size')} | {c.get('seed')} | {c.get('steps')} | "
+                f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {c.get('seed')} | {key[4]} | "
+                f"**{_f(_score(r))}** | {_f(_score_ref(r, grid), 3)} | "
                 f"{_f(_m(r, 'final_eval_return'))} ± {_f(_m(r, 'final_eval_return', 'std'))} "
-                f"({_m(r, 'final_eval_return', 'n')}) | {_f(refv, 3)} | {_f(_m(r, 'train_return_last5'))} | "
+                f"({_m(r, 'final_eval_return', 'n')}) | {_f(_eval_ref(r, grid), 3)} | "
                 f"{_f(_m(r, 'env_steps_per_s'))} | {_hardware(r)} |")
         for key, rs in groups.items():
             if len(rs) < 2:
                 continue
-            mean = lambda name: float(np.mean([_m(r, name) for r in rs if _m(r, name) is not None]))  # noqa: E731
-            refn = "final_eval_over_random" if grid else "final_eval_human_normalized"
-            lines.append(f"| **{key[0]}** | **{key[1]}** | **{key[2]}** | mean of {len(rs)} | {key[3]} | "
-                         f"**{_f(mean('final_eval_return'))}** | **{_f(mean(refn), 3)}** | "
-                         f"{_f(mean('train_return_last5'))} | {_f(mean('env_steps_per_s'))} | |")
+            mean = lambda f: _f(float(np.mean([f(r) for r in rs if f(r) is not None]))  # noqa: E731
+                                if any(f(r) is not None for r in rs) else None, 3 if f is not _score else 2)
+            lines.append(f"| **{key[0]}** | **{key[1]}** | **{key[2]}** | **{key[3]}** | mean of {len(rs)} | "
+                         f"{key[4]} | **{mean(_score)}** | **{mean(lambda r: _score_ref(r, grid))}** | "
+                         f"{_f(float(np.mean([_m(r, 'final_eval_return') or 0 for r in rs])))} | "
+                         f"{mean(lambda r: _eval_ref(r, grid))} | | |")
         lines.append("")
     return "\n".join(lines)

@@ -72,13 +72,18 @@ class TrainConfig:
     train_ratio: float = 1.0          # world-model (and agent) updates per env step after warm-up
     warmup_steps: int = 1032          # code: updates and policy acting start once len(buffer) > 1032
     replay_capacity: int = 100_000    # code: BufferMaxLength 100000 (pages are allocated as it fills)
-    dfs_mode: str = "paper"           # "paper" formula or the "official" code's temperatures / counting
+    dfs_mode: str = "official"        # the official code's DFS (what produced the paper's numbers), or
+                                      # "literal": section 2.4 as printed (collapses at scale; README)
+    faithful: str = "paper"           # "code": every choice of the official code at once (README table)
+    stale_reset_frame: bool | None = None  # the official code's bug: store the terminal frame in place of
+                                      # the next episode's first frame (None: only with faithful=code)
     eval_every: int = 10_000          # env steps between in-training evaluations (0: none; code: 1000)
     eval_episodes: int = 10           # code: 10 episodes
     eval_greedy: bool = True          # code: argmax actions in evaluation
     final_eval_episodes: int = 100    # Drama eval.py: 100 episodes of the final model
     eval_envs: int = 16               # episodes run side by side (one batched forward per step)
     checkpoint_every: int = 2000      # code: SaveEverySteps 2000
+    checkpoint_minutes: float = 10.0  # also checkpoint after this much wall time (0: off); and on SIGTERM/INT
     log_every: int = 100              # env steps between train-metric rows
     device: str = "cpu"               # cpu, cuda, cuda:1, auto
     threads: int = 0                  # torch CPU threads (0: torch's default)
@@ -93,7 +98,8 @@ class TrainConfig:
 # Fields that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "device", "threads", "eval_every", "eval_episodes",
                                "eval_greedy", "final_eval_episodes", "eval_envs", "checkpoint_every",
-                               "log_every", "runs_dir", "preset"})
+                               "checkpoint_minutes", "log_every", "runs_dir", "preset"})
+FAITHFUL = ("paper", "code")
 
 # Run presets: a model size plus a schedule sized for it. Explicit options override them.
 RUN_PRESETS: dict[str, dict] = {
@@ -155,8 +161,22 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     bad = sorted(set(cfg.env_options) - set(valid))
     if bad:
         raise ValueError(f"unknown env option(s) {', '.join(bad)} for {cfg.game}; valid: {', '.join(valid)}")
-    if cfg.dfs_mode not in ("paper", "official"):
-        raise ValueError(f"dfs_mode must be 'paper' or 'official', got {cfg.dfs_mode!r}")
+    from wmbench.replay import DFS_MODES
+    if cfg.dfs_mode not in DFS_MODES:
+        hint = " ('paper' is now called 'literal')" if cfg.dfs_mode == "paper" else ""
+        raise ValueError(f"dfs_mode must be one of {', '.join(DFS_MODES)}, got {cfg.dfs_mode!r}{hint}")
+    if cfg.faithful not in FAITHFUL:
+        raise ValueError(f"faithful must be one of {', '.join(FAITHFUL)}, got {cfg.faithful!r}")
+    if cfg.stale_reset_frame is None:
+        cfg.stale_reset_frame = cfg.faithful == "code"
+    if not isinstance(cfg.stale_reset_frame, bool):
+        raise ValueError(f"stale_reset_frame must be true or false, got {cfg.stale_reset_frame!r}")
+    if not (cfg.checkpoint_minutes >= 0 and math.isfinite(cfg.checkpoint_minutes)):
+        raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {cfg.checkpoint_minutes}")
+    device = resolve_device(cfg.device)
+    if cfg.faithful == "code":   # the code's choices under anything given explicitly
+        from wmbench.presets import code_choices
+        cfg.model_overrides = {**code_choices(bf16_native(device)), **cfg.model_overrides}
     for k in ("steps", "eval_envs", "log_every"):
         if int(getattr(cfg, k)) < 1:
             raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
@@ -183,10 +203,27 @@ def model_config(cfg: TrainConfig):
     return get_preset(cfg.size, backbone=cfg.backbone, **cfg.model_overrides)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
+    AMX (elsewhere bf16 autocast emulates and runs slower than fp32: 0.5-0.7x measured on an Intel Xeon)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    return False
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return dev
@@ -244,6 +281,12 @@ class ActingContext:
         self.obs: collections.deque = collections.deque(maxlen=T)
         self.act: collections.deque = collections.deque(maxlen=max(T - 1, 0))
 
+    @classmethod
+    def for_model(cls, mcfg) -> "ActingContext":
+        """act_context past (frame, action) pairs for the prior latent (the code's RealityContextLength),
+        plus the current frame, which the posterior latent also encodes."""
+        return cls(mcfg.act_context + 1 if mcfg.policy_latent == "prior" else mcfg.act_context)
+
     def reset(self, obs: np.ndarray) -> None:
         self.obs.clear(), self.act.clear()
         self.obs.append(obs)
@@ -262,13 +305,19 @@ class ActingContext:
 
 
 @torch.no_grad()
-def policy_actions(wm, agent, contexts: list[ActingContext], greedy: bool) -> np.ndarray:
-    """One action per context; contexts of equal length share one batched forward pass."""
+def policy_actions(wm, agent, contexts: list[ActingContext], greedy: bool,
+                   rng: np.random.Generator) -> np.ndarray:
+    """One action per context; contexts of equal length share one batched forward pass. With the prior
+    latent an episode's first step has no past to predict from: its action is drawn uniformly from `rng`
+    (as in the official code)."""
     out = np.zeros(len(contexts), np.int64)
     by_len: dict[int, list[int]] = collections.defaultdict(list)
     for i, c in enumerate(contexts):
         by_len[len(c.obs)].append(i)
-    for idx in by_len.values():
+    for T, idx in sorted(by_len.items()):
+        if T == 1 and wm.cfg.policy_latent == "prior":
+            out[idx] = rng.integers(wm.n_actions, size=len(idx))
+            continue
         obs, act = zip(*(contexts[i].arrays() for i in idx))
         obs_t = torch.from_numpy(np.stack(obs)).to(wm.device)           # (B, T, 64, 64, 3) uint8
         act_t = torch.from_numpy(np.stack(act)).to(wm.device)           # (B, T-1)
@@ -277,35 +326,53 @@ def policy_actions(wm, agent, contexts: list[ActingContext], greedy: bool) -> np
     return out
 
 
-def evaluate(wm, agent, make, n_episodes: int, n_envs: int, act_context: int, greedy: bool,
-             seed: int) -> list[float]:
-    """Returns of exactly `n_episodes` full episodes, run `n_envs` at a time (no bias to short ones).
+@dataclass
+class EvalResult:
+    """Evaluation episodes: returns and lengths (agent steps) in the order they ended, and how often
+    each action was taken over all of them."""
+    returns: list[float]
+    lengths: list[int]
+    action_counts: list[int]
 
-    Runs under its own torch RNG (fork_rng + manual_seed), so evaluating never changes what training
-    does afterwards (resume determinism) and the same model + seed gives the same scores.
+    @property
+    def mean(self) -> float:
+        return _mean(self.returns)
+
+    def action_fractions(self) -> list[float]:
+        n = sum(self.action_counts)
+        return [c / n for c in self.action_counts] if n else []
+
+
+def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, seed: int) -> EvalResult:
+    """`n_episodes` full games (life loss ends nothing, and does not cut an action repeat short: the
+    official code's evaluation env), run `n_envs` at a time (no bias to short episodes).
+
+    Runs under its own torch RNG (fork_rng + manual_seed) and with the actor-input statistics frozen, so
+    evaluating never changes what training does afterwards and the same model + seed gives the same scores.
     """
     if n_episodes <= 0:
-        return []
+        return EvalResult([], [], [0] * wm.n_actions)
     n_envs = max(1, min(n_envs, n_episodes))
-    returns: list[float] = []
-    with torch.random.fork_rng(devices=[wm.device] if wm.device.type == "cuda" else []):
+    res = EvalResult([], [], [0] * wm.n_actions)
+    rng = np.random.default_rng([seed, 2])
+    with torch.random.fork_rng(devices=[wm.device] if wm.device.type == "cuda" else []), \
+            agent.frozen_input_stats():
         torch.manual_seed(seed)
         envs = [make(seed + i) for i in range(n_envs)]
-        ctxs = [ActingContext(act_context) for _ in envs]
-        live = []
-        started = 0
+        ctxs = [ActingContext.for_model(mcfg) for _ in envs]
         for e, c in zip(envs, ctxs):
             obs, _ = e.reset()
             c.reset(obs)
-            live.append(True)
-            started += 1
+        started, live = n_envs, [True] * n_envs
         while any(live):
             ids = [i for i, ok in enumerate(live) if ok]
-            acts = policy_actions(wm, agent, [ctxs[i] for i in ids], greedy)
+            acts = policy_actions(wm, agent, [ctxs[i] for i in ids], greedy, rng)
             for i, a in zip(ids, acts):
+                res.action_counts[int(a)] += 1
                 obs, r, term, trunc, info = envs[i].step(int(a))
                 if term or trunc:
-                    returns.append(float(info["episode_return"]))
+                    res.returns.append(float(info["episode_return"]))
+                    res.lengths.append(int(info["episode_step"]))
                     if started < n_episodes:
                         obs, _ = envs[i].reset()
                         ctxs[i].reset(obs)
@@ -316,7 +383,7 @@ def evaluate(wm, agent, make, n_episodes: int, n_envs: int, act_context: int, gr
                     ctxs[i].push(int(a), obs)
         for e in envs:
             e.close()
-    return returns
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,28 +394,44 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, exit. Second Ctrl-C: abort now."""
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler's pre-emption): finish the current step, checkpoint,
+    exit. A second signal aborts at once (the last checkpoint stays as it was)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old: dict = {}
 
     def __enter__(self):
         import threading
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+              "(send it again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def replay_stats(replay) -> dict[str, float]:
+    """The samplers' health for the logs: effective sample size 1 / sum(p^2) of the last draw of each
+    sampler and its number of window starts, the largest use counters (v: world model, b: imagination)
+    and whether a batch had to be drawn with replacement."""
+    out = {}
+    for kind, st in replay.last_stats.items():
+        out[f"replay_{kind}_ess"] = st["ess"]
+        out[f"replay_{kind}_starts"] = st["starts"]
+        out[f"replay_{kind}_max_count"] = st["max_count"]
+        out[f"replay_{kind}_with_replacement"] = st["with_replacement"]
+    return out
 
 
 def _mean(xs) -> float:
@@ -427,7 +510,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
 
 def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool | None) -> dict:
     from wmbench.agent import ActorCritic
-    from wmbench.records import atomic_write_text, make_record, write_record
+    from wmbench.records import atomic_write_text, write_record
     from wmbench.replay import make_replay
     from wmbench.tasks.atari import GRIDGOAL, make_env
     from wmbench.world_model import WorldModel
@@ -467,6 +550,10 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     def make(seed: int):
         return make_env(cfg.game, cfg.protocol, seed=seed, **cfg.env_options)
 
+    def make_eval(seed: int):   # full games: a lost life does not even cut an action repeat short
+        extra = {} if is_grid else {"break_on_life_loss": False}
+        return make_env(cfg.game, cfg.protocol, seed=seed, **{**cfg.env_options, **extra})
+
     env = make(cfg.seed)
     n_actions = int(env.num_actions)
     obs_shape = tuple(env.observation_space.shape)
@@ -476,7 +563,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                          batch_size=mcfg.batch_size, imagine_batch_size=mcfg.imag_batch, seed=cfg.seed)
     if replay.obs_shape != obs_shape:
         raise ValueError(f"replay frames {replay.obs_shape} do not match the env's {obs_shape}")
-    ctx = ActingContext(mcfg.act_context)
+    ctx = ActingContext.for_model(mcfg)
 
     step = 0                 # env steps taken
     n_updates = 0            # (world-model, agent) update pairs done
@@ -486,6 +573,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     elapsed_prev = 0.0       # wall time of earlier sessions
     update_time_prev = 0.0   # seconds spent in updates in earlier sessions
     obs = None
+    store_obs = None         # the frame stored with the next action (obs, or a stale one: stale_reset_frame)
     if state is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_path, json.dumps({"train": cfg.to_dict(), "model": mcfg.to_dict()}, indent=1))
@@ -493,6 +581,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
         shutil.rmtree(run_dir / "tb", ignore_errors=True)  # first checkpoint: it starts over
         obs, _ = env.reset(seed=cfg.seed)
         ctx.reset(obs)
+        store_obs = obs
     else:
         m, s, a = state.meta, state.state, state.arrays
         try:
@@ -516,6 +605,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
             try:
                 set_env_state(env, m["env"], {k: v for k, v in a.items() if k.startswith("env_")})
                 obs = a["current_obs"]
+                store_obs = a["store_obs"] if "store_obs" in a else obs
                 ctx.load(a["ctx_obs"], a["ctx_act"])
                 restored = True
             except Exception as e:  # noqa: BLE001 - fall back to a fresh episode
@@ -526,6 +616,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                 replay.is_last[(replay.ptr - 1) % replay.capacity] = True   # close the cut episode
             obs, _ = env.reset(seed=cfg.seed + 7919 * (step + 1))
             ctx.reset(obs)
+            store_obs = obs
         _rewrite_jsonl(run_dir / "metrics.jsonl", step)
         print(f"resuming {run_dir} from env step {step} ({n_updates} updates, {len(episodes)} episodes)",
               file=sys.stderr)
@@ -534,7 +625,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
         es = env_state(env)
         arrays = {f"replay.{k}": v for k, v in replay.state_dict().items()}
         o, a_ = ctx.arrays()
-        arrays.update(current_obs=np.asarray(obs), ctx_obs=o, ctx_act=a_)
+        arrays.update(current_obs=np.asarray(obs), store_obs=np.asarray(store_obs), ctx_obs=o, ctx_act=a_)
         if es is not None:
             arrays.update(es[1])
         st = {"wm": wm.training_state(), "agent": agent.training_state(), "torch_rng": torch.get_rng_state()}
@@ -580,6 +671,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size}", file=sys.stderr)
     last_ckpt = state.step if state is not None else None
+    last_save_t = t_start    # wall-clock checkpoints: every checkpoint_minutes of this session
     stopped = False
     try:
         with _StopFlag() as stop:
@@ -588,9 +680,9 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                 if len(replay) <= cfg.warmup_steps:
                     action = int(act_rng.integers(n_actions))
                 else:
-                    action = int(policy_actions(wm, agent, [ctx], greedy=False)[0])
+                    action = int(policy_actions(wm, agent, [ctx], greedy=False, rng=act_rng)[0])
                 next_obs, reward, term, trunc, info = env.step(action)
-                replay.add(obs, action, reward, info["done_for_learning"], info.get("life_lost", False),
+                replay.add(store_obs, action, reward, info["done_for_learning"], info.get("life_lost", False),
                            term or trunc)
                 step += 1
                 if term or trunc:
@@ -603,8 +695,10 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                         writer.add_scalar("episode/human_normalized", human_norm(ep["return"]), step)
                     obs, _ = env.reset()
                     ctx.reset(obs)
+                    # the official code's bug, on request: the terminal frame stands in for the reset frame
+                    store_obs = next_obs if cfg.stale_reset_frame else obs
                 else:
-                    obs = next_obs
+                    obs = store_obs = next_obs
                     ctx.push(action, obs)
 
                 # 2-3. world-model update, then imagination + actor-critic update (Algorithm 1)
@@ -625,7 +719,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                     update_time += time.perf_counter() - t0
                     credit -= 1.0
                     n_updates += 1
-                    for k, v in {**wm_out, **ac_out}.items():
+                    for k, v in {**wm_out, **ac_out, **replay_stats(replay)}.items():
                         window[k].append(v)
 
                 # 4. logging, evaluation, checkpoints
@@ -638,16 +732,18 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                     log(row)
                     for k, v in row.items():
                         if k not in ("type", "step"):
-                            writer.add_scalar(("perf/" if k.endswith("_per_s") or k == "updates" else "train/") + k,
-                                              v, step)
+                            group = ("perf/" if k.endswith("_per_s") or k == "updates" else
+                                     "replay/" if k.startswith("replay_") else "train/")
+                            writer.add_scalar(group + k, v, step)
                     window.clear()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    rets = evaluate(wm, agent, make, cfg.eval_episodes, cfg.eval_envs, mcfg.act_context,
-                                    cfg.eval_greedy, seed=cfg.seed * 1_000_003 + step)
-                    ev = {"step": step, "mean": _num(_mean(rets)), "returns": rets}
+                    res = evaluate(wm, agent, make_eval, cfg.eval_episodes, cfg.eval_envs, mcfg,
+                                   cfg.eval_greedy, seed=cfg.seed * 1_000_003 + step)
+                    ev = {"step": step, "mean": _num(res.mean), "returns": res.returns,
+                          "action_counts": res.action_counts}
                     eval_history.append(ev)
                     log({"type": "eval", **ev})
-                    if rets:
+                    if res.returns:
                         writer.add_scalar("eval/return", ev["mean"], step)
                 if progress and (step % 10 == 0 or step == cfg.steps):
                     el = time.perf_counter() - t_start
@@ -661,9 +757,11 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                     stopped = True
                 elif stop.requested:
                     stopped = True
-                if stopped or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
+                    (cfg.checkpoint_minutes and time.perf_counter() - last_save_t >= 60 * cfg.checkpoint_minutes)
+                if stopped or due or step == cfg.steps:
                     save(step)
-                    last_ckpt = step
+                    last_ckpt, last_save_t = step, time.perf_counter()
                 if stopped:
                     break
     finally:
@@ -671,8 +769,6 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
         jsonl.close()
         writer.flush()
 
-    elapsed = elapsed_prev + (time.perf_counter() - t_start)
-    total_update_time = update_time_prev + update_time
     summary = {"run_dir": str(run_dir), "step": step, "updates": n_updates, "episodes": len(episodes),
                "stopped": stopped}
     if stopped:
@@ -682,21 +778,47 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
         return summary
 
     # --- final evaluation and the run record
-    final = evaluate(wm, agent, make, cfg.final_eval_episodes, cfg.eval_envs, mcfg.act_context,
-                     cfg.eval_greedy, seed=cfg.seed * 1_000_003 + 10**9)
-    score = _mean(final)
-    writer.add_scalar("eval/final_return", score, step)
+    final = evaluate(wm, agent, make_eval, cfg.final_eval_episodes, cfg.eval_envs, mcfg, cfg.eval_greedy,
+                     seed=cfg.seed * 1_000_003 + 10**9)
+    writer.add_scalar("eval/final_return", final.mean, step)
     writer.close()
+    elapsed = elapsed_prev + (time.perf_counter() - t_start)    # the final evaluation included
+    rec = _run_record(cfg, mcfg, wm, device, run_dir, make, human_norm, step, n_updates, episodes, eval_history,
+                      final, elapsed, update_time_prev + update_time)
+    name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
+        rec["created_at"].replace(":", "").replace("-", "")[:15]
+    path = write_record(rec, cfg.runs_dir, name=name)
+    write_record(rec, run_dir, name="record")
+    summary.update(record=str(path), final_eval_return=final.mean, score=rec["metrics"]["score"]["value"],
+                   metrics=rec["metrics"], final_eval_action_fractions=final.action_fractions())
+    return summary
+
+
+SCORE_METHOD = ("mean return of the last 5 training episodes: the paper's score (a 5-episode running "
+                "average of training performance, Machado et al. 2018, read at the end of training; the "
+                "paper reports its mean over 5 seeds per game)")
+
+
+def _run_record(cfg, mcfg, wm, device, run_dir, make, human_norm, step, n_updates, episodes, eval_history,
+                final: EvalResult, elapsed: float, update_time: float) -> dict:
+    from wmbench.presets import PAPER_VS_CODE
+    from wmbench.records import make_record
+    from wmbench.tasks.atari import ale_version
     rets = [e["return"] for e in episodes]
     late = [e["return"] for e in episodes if e["step"] > cfg.steps - 2500]   # last 10k frames (DreamerV3)
+    score = _mean(rets[-5:])
     how = "greedy" if cfg.eval_greedy else "sampled"
+    fr = final.action_fractions()
     metrics: dict[str, dict] = {
-        "final_eval_return": {"value": _num(score), "unit": "return", "n": len(final),
-                              "std": _num(float(np.std(final))) if final else None,
-                              "method": f"mean over {len(final)} episodes of the final model, {how} actions, "
-                                        f"separate env seeds"},
-        "train_return_last5": {"value": _num(_mean(rets[-5:])), "unit": "return", "n": len(rets[-5:]),
-                               "method": "mean of the last 5 training episodes (the paper's running average)"},
+        "score": {"value": _num(score), "unit": "return", "n": len(rets[-5:]), "method": SCORE_METHOD},
+        "final_eval_return": {"value": _num(final.mean), "unit": "return", "n": len(final.returns),
+                              "std": _num(float(np.std(final.returns))) if final.returns else None,
+                              "method": f"mean over {len(final.returns)} full games of the final model, {how} "
+                                        "actions, separate env seeds (the official eval.py's protocol)"},
+        "final_eval_top_action_fraction": {
+            "value": _num(max(fr)) if fr else None, "unit": "fraction",
+            "method": "share of the final evaluation's steps taken with its most frequent action "
+                      "(near 1: the policy is stuck on one action)"},
         "train_return_last_10k_frames": {"value": _num(_mean(late)), "unit": "return", "n": len(late),
                                          "method": "mean of training episodes ending in the last 2500 env "
                                                    "steps (DreamerV3's Atari100k score)"},
@@ -705,54 +827,73 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
                                       "all sessions"},
         "updates_per_s": {"value": n_updates / max(elapsed, 1e-9), "unit": "updates/s",
                           "method": "(world-model + agent) update pairs / wall time of the whole run"},
-        "s_per_update": {"value": total_update_time / max(n_updates, 1), "unit": "s",
+        "s_per_update": {"value": update_time / max(n_updates, 1), "unit": "s",
                          "method": "mean wall time of one world-model update + imagination + agent update"},
-        "wall_time": {"value": elapsed, "unit": "s", "method": "sum over sessions (resumes)"},
+        "wall_time": {"value": elapsed, "unit": "s",
+                      "method": "sum over sessions (resumes), the final evaluation included"},
     }
-    extra: dict[str, Any] = {"episodes": episodes, "eval_history": eval_history, "final_eval_returns": final,
+    choices = [{"field": f, "value": getattr(mcfg, f), "paper": p, "code": c, "what": what}
+               for f, p, c, what in PAPER_VS_CODE]
+    choices += [{"field": "dfs_mode", "value": cfg.dfs_mode, "paper": "official", "code": "official",
+                 "what": "DFS as the official code ran it (the paper's numbers); 'literal': s2.4 as printed"},
+                {"field": "stale_reset_frame", "value": cfg.stale_reset_frame, "paper": False, "code": True,
+                 "what": "the code's bug: the terminal frame stored in place of the next reset frame"}]
+    extra: dict[str, Any] = {"episodes": episodes, "eval_history": eval_history,
+                             "final_eval": {"returns": final.returns, "lengths": final.lengths,
+                                            "action_counts": final.action_counts, "action_fractions": fr},
+                             "faithful": cfg.faithful, "paper_vs_code": choices,
                              "parameters": wm.param_counts(), "run_dir": str(run_dir)}
-    if is_grid:
+    if cfg.game == "gridgoal":
         from wmbench.tasks import gridgoal
         g = make(cfg.seed)
         kw = dict(episode_length=g.episode_length, grid_size=g.grid_size)
         rnd, opt = gridgoal.expected_return("random", **kw), gridgoal.expected_return("optimal", **kw)
         metrics["random_return"] = {"value": rnd, "unit": "return", "method": "exact expectation (Markov chain)"}
         metrics["optimal_return"] = {"value": opt, "unit": "return", "method": "exact expectation (Markov chain)"}
-        metrics["final_eval_over_random"] = {"value": _num(score / rnd), "unit": "ratio",
+        metrics["score_over_random"] = {"value": _num(score / rnd), "unit": "ratio", "method": "score / random_return"}
+        metrics["final_eval_over_random"] = {"value": _num(final.mean / rnd), "unit": "ratio",
                                              "method": "final_eval_return / random_return"}
         extra["protocol"] = g.config()
     else:
-        from wmbench.tasks.atari import ale_version, protocol_dict
-        metrics["final_eval_human_normalized"] = {
-            "value": _num(human_norm(score)), "unit": "fraction",
-            "method": "(score - random) / (human - random), wmbench/data/atari100k_scores.csv"}
+        from wmbench.tasks.atari import protocol_dict
+        hns = "(x - random) / (human - random), wmbench/data/atari100k_scores.csv"
+        metrics["score_human_normalized"] = {"value": _num(human_norm(score)), "unit": "fraction",
+                                             "method": f"the score's {hns}"}
+        metrics["final_eval_human_normalized"] = {"value": _num(human_norm(final.mean)), "unit": "fraction",
+                                                  "method": f"the final evaluation's {hns}"}
         extra["protocol"] = protocol_dict(cfg.protocol)
         extra["protocol"].update(cfg.env_options)
-    from wmbench.tasks.atari import ale_version
+        extra["eval_protocol"] = {**extra["protocol"], "break_on_life_loss": False}
+        extra["action_meanings"] = make(cfg.seed).action_meanings
     extra["ale_py_version"] = ale_version()
     config = {**cfg.to_dict(), "model": mcfg.to_dict()}
-    rec = make_record("atari", config, metrics, extra=extra, device=device)
-    name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
-        rec["created_at"].replace(":", "").replace("-", "")[:15]
-    path = write_record(rec, cfg.runs_dir, name=name)
-    write_record(rec, run_dir, name="record")
-    summary.update(record=str(path), final_eval_return=score, metrics=metrics)
-    return summary
+    return make_record("atari", config, metrics, extra=extra, device=device)
 
 
 def summary_lines(cfg: TrainConfig, summary: dict) -> list[str]:
     m = summary["metrics"]
     v = lambda name, d=2: "n/a" if m[name]["value"] is None else f"{m[name]['value']:.{d}f}"  # noqa: E731
-    out = [f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size} seed {cfg.seed}: {summary['step']} env steps, "
-           f"{summary['updates']} updates, {summary['episodes']} training episodes",
-           f"final eval: {v('final_eval_return')} (mean of {m['final_eval_return']['n']} episodes)"]
+    head = (f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size} seed {cfg.seed}: score {v('score')} "
+            f"(mean of the last {m['score']['n']} training episodes, as the paper reports)")
+    if "score_human_normalized" in m:
+        head += f", human-normalised {v('score_human_normalized', 3)}"
+    if "score_over_random" in m:
+        head += f", {v('score_over_random')}x the random policy"
+    out = [head,
+           f"{summary['step']} env steps, {summary['updates']} updates, {summary['episodes']} training episodes; "
+           f"{v('env_steps_per_s')} env steps/s, {v('s_per_update', 3)} s per update",
+           f"final evaluation ({'greedy' if cfg.eval_greedy else 'sampled'}): {v('final_eval_return')} "
+           f"(mean of {m['final_eval_return']['n']} full games)"]
     if "final_eval_human_normalized" in m:
         out[-1] += f", human-normalised {v('final_eval_human_normalized', 3)}"
     if "random_return" in m:
         out.append(f"random policy {v('random_return')}, optimal {v('optimal_return')}, "
-                   f"agent / random = {v('final_eval_over_random')}")
-    out.append(f"last 5 training episodes: {v('train_return_last5')}; "
-               f"{v('env_steps_per_s')} env steps/s, {v('s_per_update', 3)} s per update")
+                   f"final evaluation / random = {v('final_eval_over_random')}")
+    top = m["final_eval_top_action_fraction"]["value"]
+    if top is not None and top >= 0.9:
+        fr = summary.get("final_eval_action_fractions") or []
+        a = int(np.argmax(fr)) if fr else -1
+        out.append(f"warning: the evaluated policy took action {a} in {100 * top:.0f}% of its steps")
     return out
 
 
@@ -788,12 +929,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train-ratio", type=float, help="updates per env step after warm-up (default 1)")
     p.add_argument("--warmup", dest="warmup_steps", type=int, help="random-action steps before training (1032)")
     p.add_argument("--replay-capacity", type=int)
-    p.add_argument("--dfs-mode", choices=["paper", "official"])
+    p.add_argument("--dfs-mode", help="official (default: the code's DFS, which produced the paper's numbers) "
+                                      "or literal (section 2.4 as printed)")
+    p.add_argument("--faithful", help="paper (default) or code: every choice of the official code at once "
+                                      "(README: paper vs code)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--final-eval-episodes", type=int)
     p.add_argument("--eval-sampled", action="store_true", help="sample actions in evaluation (default greedy)")
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="env steps between checkpoints (2000)")
+    p.add_argument("--checkpoint-minutes", type=float,
+                   help="also checkpoint after this many minutes of wall time (10; 0: off)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--set", dest="model_overrides", type=_kv, action="append", metavar="FIELD=VALUE",
                    help="override a model/agent hyper-parameter (wmbench.presets.DramaConfig), repeatable")
@@ -809,8 +955,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     given = {k: getattr(a, k, None) for k in
              ("game", "backbone", "sampler", "size", "steps", "seed", "run_dir", "protocol", "device", "threads",
-              "train_ratio", "warmup_steps", "replay_capacity", "dfs_mode", "eval_every", "eval_episodes",
-              "final_eval_episodes", "checkpoint_every", "log_every", "runs_dir")}
+              "train_ratio", "warmup_steps", "replay_capacity", "dfs_mode", "faithful", "eval_every",
+              "eval_episodes", "final_eval_episodes", "checkpoint_every", "checkpoint_minutes", "log_every",
+              "runs_dir")}
     if getattr(a, "eval_sampled", False):
         given["eval_greedy"] = False
     if a.model_overrides:
