@@ -70,3 +70,15 @@ def test_time_calls_counts_iters():
 def test_environment_cpu():
     env = environment("cpu")
     assert env["device"] == "cpu" and env["device_name"] == env["cpu_model"]
+
+
+def test_records_of_the_same_second_never_replace_each_other(tmp_path):
+    """Two runs that finish in the same second with the same name both keep their record."""
+    from wmbench.records import write_record
+    a = write_record({"kind": "x", "v": 1}, tmp_path, name="same")
+    b = write_record({"kind": "x", "v": 2}, tmp_path, name="same")
+    assert a.name == "same.json" and b.name == "same-2.json"
+    assert json.loads(a.read_text())["v"] == 1 and json.loads(b.read_text())["v"] == 2
+    c = write_record({"kind": "x", "v": 3}, tmp_path, name="same", overwrite=True)
+    assert c == a and json.loads(a.read_text())["v"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same-2.json", "same.json"]   # no temp files left

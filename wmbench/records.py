@@ -25,8 +25,12 @@ SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder + fsync + rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    """Write `data` to `path` via a temp file in the same folder + fsync + rename.
+
+    overwrite=False never replaces an existing file: the name gets a suffix -2, -3, ... instead (the
+    temp file is hard-linked into place, which fails atomically if the name is taken). Returns the path
+    written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,7 +40,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; records and checkpoints are meant to be shared
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            path = _link_unique(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -44,6 +52,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _link_unique(tmp: str, path: Path) -> Path:
+    for i in range(1, 10_000):
+        cand = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        try:
+            os.link(tmp, cand)
+            return cand
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {path}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -116,12 +135,16 @@ def make_record(kind: str, config: dict, metrics: dict, extra: dict | None = Non
     return rec
 
 
-def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", name: str | None = None) -> Path:
+def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", name: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write `record` as RUNS_DIR/NAME.json, atomically. An existing file is never replaced unless
+    `overwrite`: two runs finishing in the same second get NAME.json and NAME-2.json."""
     if name is None:
         stamp = record.get("created_at", "").replace(":", "").replace("-", "").replace("+0000", "")
         name = f"{record.get('kind', 'run')}-{stamp}-{os.getpid()}"
     path = Path(runs_dir) / f"{name}.json"
-    return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    text = json.dumps(record, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
 def _jsonable(o: Any):
