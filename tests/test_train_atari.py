@@ -328,3 +328,85 @@ def test_gridgoal_learns_on_cpu(tmp_path):
     s = train(cfg, progress=False)
     m = s["metrics"]
     assert m["final_eval_return"]["value"] >= 2 * m["random_return"]["value"], m
+
+
+def test_evaluation_plays_full_games_through_lost_lives(one_thread):
+    """Breakout (5 lives): one evaluation episode runs until game over, past every lost life, and a lost
+    life does not cut the action repeat short (the official eval env); training keeps the protocol's break."""
+    from wmbench.agent import ActorCritic
+    from wmbench.presets import get_preset
+    from wmbench.train_atari import check_config, env_makers
+    from wmbench.world_model import WorldModel
+    cfg = check_config(resolve_config("tiny", game="Breakout"))
+    make, make_eval = env_makers(cfg)
+    assert make(0).protocol.break_on_life_loss is True and make_eval(0).protocol.break_on_life_loss is False
+    infos = []
+
+    def recording(seed):
+        env = make_eval(seed)
+        step = env.step
+        env.step = lambda a: (lambda out: infos.append(out) or out)(step(a))
+        return env
+    m = get_preset("tiny")
+    res = evaluate(WorldModel(m, 4), ActorCritic(m, 4), recording, n_episodes=1, n_envs=1, mcfg=m,
+                   greedy=True, seed=0)
+    lost = [i for i, (_, _, _, _, info) in enumerate(infos) if info["life_lost"]]
+    assert len(res.returns) == 1 and res.lengths == [len(infos)]
+    assert len(lost) == 5 and lost[-1] == len(infos) - 1          # lives 1-4 lost mid-game, the 5th ends it
+    assert all(not (te or tr) for _, _, te, tr, _ in infos[:-1])
+    assert all(info["episode_frame"] == 4 * (i + 1) for i, (*_, info) in enumerate(infos[:-1]))  # full repeats
+
+
+def test_stale_reset_frame_reproduces_the_official_code(tmp_path):
+    """With stale_reset_frame the first stored frame of an episode is the previous episode's last frame."""
+    from wmbench.tasks.atari import make_env
+    stored = {}
+    for stale in (False, True):
+        d = tmp_path / str(stale)
+        train(_cfg(d / "run", d / "runs", steps=24, warmup_steps=24, stale_reset_frame=stale, eval_every=0,
+                   final_eval_episodes=0), progress=False)
+        stored[stale] = ckpt.load_checkpoint(d / "run").arrays
+    a = stored[True]
+    assert np.array_equal(a["replay.action"], stored[False]["replay.action"])    # same actions
+    env = make_env("gridgoal", seed=0, episode_length=EP_LEN)                     # replay them
+    obs, _ = env.reset(seed=0)
+    frames = [obs]
+    for t, act in enumerate(a["replay.action"][:2 * EP_LEN]):
+        obs, *_, = env.step(int(act))
+        if (t + 1) % EP_LEN == 0:
+            terminal = obs
+            obs, _ = env.reset()
+            frames.append(terminal)
+        frames.append(obs)
+    normal, stale = stored[False]["replay.obs"], a["replay.obs"]
+    assert np.array_equal(normal[:EP_LEN], stale[:EP_LEN])                       # first episode: identical
+    assert np.array_equal(stale[EP_LEN], frames[EP_LEN])                         # the terminal frame ...
+    assert np.array_equal(normal[EP_LEN], frames[EP_LEN + 1])                    # ... instead of the reset one
+    assert np.array_equal(normal[EP_LEN + 1:2 * EP_LEN], stale[EP_LEN + 1:2 * EP_LEN])
+
+
+def test_kill_9_after_a_checkpoint_then_the_same_command_resumes_and_says_so(tmp_path):
+    """The real command line: SIGKILL (nothing can be saved) after the first checkpoint; the same command
+    continues from it, says so, and finishes."""
+    import os
+    import signal
+    import time
+    args = ["--game", "gridgoal", "--preset", "tiny", "--steps", "400", "--warmup", "16", "--checkpoint-every",
+            "40", "--eval-every", "0", "--final-eval-episodes", "1", "--threads", "1", "--no-progress",
+            "--run-dir", str(tmp_path / "run"), "--runs-dir", str(tmp_path / "runs"),
+            "--env-option", "episode_length=20"]
+    p = subprocess.Popen([sys.executable, "-m", "wmbench.cli", "atari", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    t0 = time.time()
+    while not latest.exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    at = ckpt.load_checkpoint(tmp_path / "run").step
+    assert 40 <= at < 400
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {tmp_path / 'run'} from env step {at}" in r.stderr
+    assert "score" in r.stdout and ckpt.load_checkpoint(tmp_path / "run").step == 400

@@ -81,7 +81,8 @@ class DramaConfig:
     wm_grad_clip: float = 1000.0
     wm_warmup: int = 1000
     decay_ssm_params: bool = False  # weight-decay A_log, D, dt_bias too (code: every parameter decays)
-    amp: bool = False             # bf16 autocast, world model and actor-critic (the code trains in bf16)
+    amp: bool = False             # bf16 autocast for training and acting, world model and actor-critic
+                                  # (the code's; its imagination runs in fp32, and so does ours)
     init: str = "torch"           # PyTorch defaults, zero reward/critic outputs (DreamerV3); "code": below
     #   "code" = the official code's initialisation: truncated normal (fan-avg) for the encoder, decoder
     #   and reward/termination heads; orthogonal gain sqrt(2) for actor/critic hidden layers, 0.001 for
@@ -206,7 +207,7 @@ PAPER_VS_CODE: tuple[tuple[str, Any, Any, str], ...] = (
     ("actor_input_norm", False, True, "running mean/var normalisation of the actor's input, clip ±10"),
     ("decay_ssm_params", False, True, "weight decay also on A_log, D and dt_bias"),
     ("init", "torch", "code", "initialisation (paper silent): PyTorch/DreamerV3, or the code's"),
-    ("amp", False, True, "bf16 autocast for the world model and the actor-critic"),
+    ("amp", False, True, "bf16 autocast for training and acting (imagination stays fp32)"),
 )
 
 

@@ -3,22 +3,24 @@
 Reads top to bottom like a CleanRL script. Algorithm 1 of the paper (appendix A.5), per env step:
 
     1. collect:   a_t ~ π(a | s_t) (random before warm-up), store (O_t, a_t, r_t, e_t) in replay
-    2. world model: sample b windows of length l (DFS: softmax(-v)), one optimiser step (eq. 6-7)
-    3. behaviour:   sample b_img contexts of length l_img (DFS: softmax(f(v, b))), prefill l_img-1 of
-                    them, imagine h steps with the actor, one actor-critic step
-    4. every `eval_every` steps: evaluate; every `checkpoint_every` steps: checkpoint
+    2. world model: sample b windows of length l (DFS), one optimiser step (eq. 6-7)
+    3. behaviour:   sample b_img contexts of length l_img (DFS), prefill l_img-1 of them, imagine h
+                    steps with the actor, one actor-critic step
+    4. every `eval_every` steps: evaluate; every `checkpoint_every` steps or `checkpoint_minutes` of
+       wall time: checkpoint
 
 Schedule (official code, drama-official-code.md s4): random actions and no updates until the buffer
 holds more than `warmup_steps` = 1032 transitions, then `train_ratio` (1.0) world-model updates and
-as many agent updates per env step; the Atari100k budget is 100k env steps (400k frames).
+as many agent updates per env step; the Atari100k budget is 100k env steps (400k frames). DFS runs with
+the official code's settings by default (wmbench/replay.py explains why the literal formula collapses).
 
-Acting (our choice, documented in the README): the policy sees s_t = [z_t, d_{t-1}] where z_t is the
-posterior of the *current* frame and d_{t-1} comes from re-running the backbone over the last
-`act_context` real frames (WorldModel.policy_state, the official code's "no recurrent cache in the real
-env"), so acting states match imagination states (paper). With imagine_start="code" it acts on a prior
-sample instead (the code's STORM scheme, the current frame unseen). The first step of an episode
-acts on [z_0, 0]. The first stored frame of an episode is the frame after reset (the official code's
-stale-terminal-frame bug is not reproduced).
+Acting (section 2.3): the policy sees s_t = [ẑ_t, d_{t-1}], ẑ_t sampled from the prior after
+re-running the backbone over the last `act_context` real (frame, action) pairs (WorldModel.policy_state;
+the official code's "no recurrent cache in the real env"), so acting states are imagination states.
+The current frame is not looked at; an episode's first action is random (nothing to predict from).
+`policy_latent="posterior"` acts on the current frame's posterior instead. `faithful="code"` switches
+every paper-vs-code choice to the code's (wmbench.presets.PAPER_VS_CODE), including, on request of
+`stale_reset_frame`, its bug of storing the terminal frame in place of the next reset frame.
 
 Resume: the same command with the same --run-dir continues from the newest checkpoint: models,
 optimisers and schedulers, replay buffer (incl. DFS counters and its sampler RNG), python / numpy /
@@ -26,7 +28,11 @@ torch RNG states, the acting RNG, step and update counters, the episode log, the
 the environment itself (ALE state incl. its RNG, or the grid world's state), so a resumed run takes
 exactly the steps an uninterrupted one would have taken. If an environment cannot be restored
 (unknown env class), its current episode restarts instead (the partial episode is closed in replay and
-not logged). Ctrl-C saves a checkpoint at the next step boundary; a second Ctrl-C aborts at once.
+not logged). SIGINT (Ctrl-C) and SIGTERM save a checkpoint at the next step boundary; a second one
+aborts at once.
+
+The record's headline `score` is the paper's: the mean of the last 5 training episodes. The final
+evaluation (100 full greedy games, as the code's eval.py) is a second metric, with its action counts.
 
 Outputs in the run dir: config.json, metrics.jsonl (train / episode / eval rows), tb/ (TensorBoard),
 checkpoints/, record.json (also written to --runs-dir for `wmbench report`).
@@ -227,6 +233,20 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return dev
+
+
+def env_makers(cfg: TrainConfig):
+    """(training env, evaluation env) constructors of run `cfg`, by seed. Evaluation plays full games:
+    a lost life ends nothing and does not cut an action repeat short (the official eval env)."""
+    from wmbench.tasks.atari import GRIDGOAL, make_env
+    eval_extra = {} if cfg.game == GRIDGOAL else {"break_on_life_loss": False}
+
+    def make(seed: int):
+        return make_env(cfg.game, cfg.protocol, seed=seed, **cfg.env_options)
+
+    def make_eval(seed: int):
+        return make_env(cfg.game, cfg.protocol, seed=seed, **{**cfg.env_options, **eval_extra})
+    return make, make_eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +532,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     from wmbench.agent import ActorCritic
     from wmbench.records import atomic_write_text, write_record
     from wmbench.replay import make_replay
-    from wmbench.tasks.atari import GRIDGOAL, make_env
+    from wmbench.tasks.atari import GRIDGOAL
     from wmbench.world_model import WorldModel
 
     cfg = check_config(cfg)
@@ -547,12 +567,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     torch.manual_seed(cfg.seed)
     act_rng = np.random.default_rng([cfg.seed, 1])      # random actions during warm-up
 
-    def make(seed: int):
-        return make_env(cfg.game, cfg.protocol, seed=seed, **cfg.env_options)
-
-    def make_eval(seed: int):   # full games: a lost life does not even cut an action repeat short
-        extra = {} if is_grid else {"break_on_life_loss": False}
-        return make_env(cfg.game, cfg.protocol, seed=seed, **{**cfg.env_options, **extra})
+    make, make_eval = env_makers(cfg)
 
     env = make(cfg.seed)
     n_actions = int(env.num_actions)
@@ -788,7 +803,7 @@ def _train(cfg: TrainConfig, progress: bool, stop_at: int | None, estimate: bool
     name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
         rec["created_at"].replace(":", "").replace("-", "")[:15]
     path = write_record(rec, cfg.runs_dir, name=name)
-    write_record(rec, run_dir, name="record")
+    write_record(rec, run_dir, name="record", overwrite=True)   # the run dir's latest record
     summary.update(record=str(path), final_eval_return=final.mean, score=rec["metrics"]["score"]["value"],
                    metrics=rec["metrics"], final_eval_action_fractions=final.action_fractions())
     return summary
@@ -933,6 +948,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                       "or literal (section 2.4 as printed)")
     p.add_argument("--faithful", help="paper (default) or code: every choice of the official code at once "
                                       "(README: paper vs code)")
+    p.add_argument("--stale-reset-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="reproduce the official code's bug of storing the terminal frame in place of the next "
+                        "episode's first frame (default: only with --faithful code)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--final-eval-episodes", type=int)
@@ -957,7 +975,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
              ("game", "backbone", "sampler", "size", "steps", "seed", "run_dir", "protocol", "device", "threads",
               "train_ratio", "warmup_steps", "replay_capacity", "dfs_mode", "faithful", "eval_every",
               "eval_episodes", "final_eval_episodes", "checkpoint_every", "checkpoint_minutes", "log_every",
-              "runs_dir")}
+              "runs_dir", "stale_reset_frame")}
     if getattr(a, "eval_sampled", False):
         given["eval_greedy"] = False
     if a.model_overrides:

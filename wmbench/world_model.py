@@ -503,7 +503,8 @@ class WorldModel(TrainState, nn.Module):
         was_training = self.training
         self.eval()   # BatchNorm running statistics, no dropout (as in the code)
         try:
-            with autocast(cfg, self.device):
+            # fp32 even with cfg.amp: the official code runs imagination as a CUDA graph in fp32
+            with torch.autocast(self.device.type, enabled=False):
                 _, z_ctx = self.encode(context_obs[:, :n_encode])           # (B, n_encode, K*C)
                 state = self.backbone.init_state(B, max_len=n_prefill + H)
                 x_ctx = self.embed(z_ctx[:, :n_prefill], actions_ctx[:, :n_prefill])
