@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
-from wmbench.registry import register_backbone
+from wmbench.core.registry import register_backbone
 
 
 class GRUMixer(nn.Module):

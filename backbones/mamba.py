@@ -25,7 +25,7 @@ from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positiv
 from wmbench.backbones.ops.causal_conv import causal_conv1d
 from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.selective_scan import selective_scan
-from wmbench.registry import register_backbone
+from wmbench.core.registry import register_backbone
 
 CUDA_MODULE = "mamba_ssm.ops.selective_scan_interface"
 

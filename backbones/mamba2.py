@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
 from wmbench.backbones.ops.causal_conv import conv_backward, conv_forward
 from wmbench.backbones.ops.ssd import ssd_chunk_backward, ssd_chunk_forward, ssd_scan
-from wmbench.registry import register_backbone
+from wmbench.core.registry import register_backbone
 
 
 def _sd(t: torch.Tensor) -> torch.dtype:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
 from wmbench.backbones.ops.cuda import want_cuda
-from wmbench.registry import register_backbone
+from wmbench.core.registry import register_backbone
 
 POS_CHOICES = ("rope", "learned")
 DEFAULT_MAX_LEN = 2048

@@ -212,20 +212,5 @@ def expected_return(policy: str = "random", episode_length: int = EPISODE_LENGTH
     return float(total)
 
 
-def mean_return(policy: str = "random", episodes: int = 200, seed: int = 0, **env_kwargs) -> float:
-    """Monte Carlo mean return of 'random' or 'optimal' over `episodes` episodes (a check)."""
-    env = GridGoalEnv(seed=seed, **env_kwargs)
-    total = 0.0
-    for e in range(episodes):
-        env.reset(seed=seed + e) if e == 0 else env.reset()
-        done = False
-        while not done:
-            a = env.sample_action() if policy == "random" else env.optimal_action()
-            _, _, term, trunc, info = env.step(a)
-            done = term or trunc
-        total += info["episode_return"]
-    return total / episodes
-
-
 RANDOM_RETURN = expected_return("random")
 OPTIMAL_RETURN = expected_return("optimal")

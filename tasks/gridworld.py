@@ -301,7 +301,7 @@ class GridWorldTask:
 
 
 def _register() -> None:
-    from wmbench.registry import register_task
+    from wmbench.core.registry import register_task
     register_task("gridworld", GridWorldTask)
 
 

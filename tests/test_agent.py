@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wmbench.agent import Agent, ReturnNormalizer, lambda_return
-from wmbench.presets import get_preset
+from wmbench.world_model.config import get_preset
 from wmbench.world_model import Imagination
 
 

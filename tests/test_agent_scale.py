@@ -13,9 +13,10 @@ import json
 import numpy as np
 import pytest
 
-from wmbench.presets import get_preset
-from wmbench.replay import ReplayBuffer
-from wmbench.train_atari import RUN_PRESETS, resolve_config, train
+from wmbench.world_model.config import get_preset
+from wmbench.agent.replay import ReplayBuffer
+from wmbench.agent.config import RUN_PRESETS, resolve_config
+from wmbench.agent.train import train
 
 # the sizes a preset keeps: what the replay buffer and the loop are driven with
 SHAPE_FIELDS = ("batch_size", "batch_length", "imag_batch", "imag_context", "imag_horizon", "act_context")

@@ -1,12 +1,12 @@
-"""The malloc mode switch (wmbench/allocator.py): applied, reverted, recorded, and bad input refused."""
+"""The malloc mode switch (wmbench/core/allocator.py): applied, reverted, recorded, and bad input refused."""
 import ctypes.util
 import platform
 
 import pytest
 import torch
 
-from wmbench import allocator
-from wmbench.records import environment
+from wmbench.core import allocator
+from wmbench.core.records import environment
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

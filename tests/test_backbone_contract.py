@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import wmbench
-from wmbench.registry import BACKBONES
+from wmbench.core.registry import BACKBONES
 
 NAMES = wmbench.list_backbones()
 

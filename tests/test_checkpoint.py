@@ -1,4 +1,4 @@
-"""wmbench.checkpoint: atomic, pickle-free checkpoints; corruption refused in one line; config diffs."""
+"""wmbench.agent.checkpoint: atomic, pickle-free checkpoints; corruption refused in one line; config diffs."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wmbench import checkpoint as ckpt
+from wmbench.agent import checkpoint as ckpt
 
 
 def _payload(seed=0):
@@ -118,7 +118,7 @@ def test_object_arrays_are_rejected_on_save(tmp_path):
     arrays["bad"] = np.array([{"a": 1}], dtype=object)
     with pytest.raises(TypeError, match="object"):
         ckpt.save_checkpoint(tmp_path, 1, state, arrays, meta)
-    assert not ckpt.has_checkpoint(tmp_path)
+    assert ckpt.load_checkpoint(tmp_path) is None and not (tmp_path / "checkpoints" / "latest").exists()
 
 
 def test_config_diff_names_fields():

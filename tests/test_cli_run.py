@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from wmbench.records import validate_record
+from wmbench.core.records import validate_record
 
 
 def _wmbench(*args):

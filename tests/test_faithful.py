@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from wmbench.agent import Agent, RunningNorm
-from wmbench.presets import PAPER_VS_CODE, code_choices, get_preset
-from wmbench.train_atari import TrainConfig, check_config, resolve_config
-from wmbench.world_model import WorldModel, make_optimizer
+from wmbench.world_model.config import PAPER_VS_CODE, code_choices, get_preset
+from wmbench.agent.config import TrainConfig, check_config, resolve_config
+from wmbench.world_model import WorldModel
+from wmbench.world_model.optim import make_optimizer
 
 N_ACTIONS = 5
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wmbench import harness
-from wmbench.harness import GridWorldLM, RunConfig, make_config
+from wmbench.harness import gridworld as harness
+from wmbench.harness import gridworld_eval as gw_eval
+from wmbench.harness.gridworld import GridWorldLM, RunConfig, make_config
 from wmbench.tasks import gridworld as gw
 
 TASK = gw.GridWorldTask()
@@ -96,7 +97,7 @@ class Cheat(nn.Module):
 
 def test_teacher_forced_alignment_with_a_cheating_model():
     tokens_np = gw.sample_sequences(5, 6, seed=4)
-    pred = harness.teacher_forced_frames(Cheat(), torch.from_numpy(tokens_np), TASK, chunk=5)
+    pred = gw_eval.teacher_forced_frames(Cheat(), torch.from_numpy(tokens_np), TASK, chunk=5)
     cells, _ = gw.split_frames(tokens_np)
     assert pred.shape == (5, 5, 25)
     assert np.array_equal(pred, cells[:, 1:])
@@ -119,7 +120,7 @@ class Echo(nn.Module):
 
 def test_imagination_generates_cells_only():
     ctx = torch.from_numpy(gw.sample_sequences(3, 2, seed=0))[:, :26]
-    cells, t_pre, t_gen = harness.imagine_frame(Echo(), ctx, TASK, max_len=52)
+    cells, t_pre, t_gen = gw_eval.imagine_frame(Echo(), ctx, TASK, max_len=52)
     # the action logit (NORTH) is the largest after prefill, but generated tokens are restricted to cells
     assert cells.shape == (3, 25) and (cells == gw.AGENT).all()
     assert t_pre >= 0 and t_gen >= 0
@@ -130,16 +131,16 @@ def test_branched_imagination_matches_fresh_prefills(backbone):
     torch.manual_seed(0)
     model = GridWorldLM(backbone, gw.VOCAB_SIZE, 16, 2).eval()
     tokens = torch.from_numpy(gw.sample_sequences(3, 5, seed=2))
-    got = harness.imagine_frames(model, tokens, TASK, [1, 3, 4], max_len=tokens.shape[1])
+    got = gw_eval.imagine_frames(model, tokens, TASK, [1, 3, 4], max_len=tokens.shape[1])
     assert got.shape == (3, 3, 25)
     for k, t in enumerate([1, 3, 4]):
-        want, _, _ = harness.imagine_frame(model, tokens[:, :t * 26], TASK, max_len=tokens.shape[1])
+        want, _, _ = gw_eval.imagine_frame(model, tokens[:, :t * 26], TASK, max_len=tokens.shape[1])
         assert np.array_equal(got[:, k], want)
 
 
 def test_frame_positions_include_last():
-    assert harness._frame_positions(64, 8)[-1] == 63 and harness._frame_positions(64, 8)[0] == 1
-    assert harness._frame_positions(2, 8) == [1]
+    assert gw_eval._frame_positions(64, 8)[-1] == 63 and gw_eval._frame_positions(64, 8)[0] == 1
+    assert gw_eval._frame_positions(2, 8) == [1]
 
 
 def test_lr_schedule():

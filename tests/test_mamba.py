@@ -2,7 +2,6 @@
 a token-by-token re-implementation of the block written here, parameter count, bad sizes."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

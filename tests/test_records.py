@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from wmbench import allocator
-from wmbench.measure import PeakMemory, median, metric, time_calls
-from wmbench.records import atomic_write_text, environment, load_records, make_record, write_record
+from wmbench.core import allocator
+from wmbench.core.measure import PeakMemory, median, metric, time_calls
+from wmbench.core.records import atomic_write_text, environment, load_records, make_record, write_record
 
 
 def test_record_roundtrip(tmp_path):
@@ -74,7 +74,7 @@ def test_environment_cpu():
 
 def test_records_of_the_same_second_never_replace_each_other(tmp_path):
     """Two runs that finish in the same second with the same name both keep their record."""
-    from wmbench.records import write_record
+    from wmbench.core.records import write_record
     a = write_record({"kind": "x", "v": 1}, tmp_path, name="same")
     b = write_record({"kind": "x", "v": 2}, tmp_path, name="same")
     assert a.name == "same.json" and b.name == "same-2.json"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import wmbench
-from wmbench.registry import BACKBONES
+from wmbench.core.registry import BACKBONES
 
 BUILTINS = ("mamba", "mamba2", "gru", "transformer")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from wmbench.replay import DFSConfig, ReplayBuffer, make_replay
+from wmbench.agent.replay import DFSConfig, ReplayBuffer, make_replay
 
 OBS = (4, 4, 3)
 
@@ -249,7 +249,7 @@ def test_uniform_sampler_at_the_paper_scale():
 
 
 def test_softmax_in_log_space_is_exact_and_safe():
-    from wmbench.replay import _softmax
+    from wmbench.agent.replay import _softmax
     x = np.array([0.0, -1.0, -2000.0, -1e6])
     p = _softmax(x)
     assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-12

@@ -5,9 +5,9 @@ import sys
 import pandas as pd
 import pytest
 
-from wmbench.measure import metric
-from wmbench.records import make_record, write_record
-from wmbench.report import build_report
+from wmbench.core.measure import metric
+from wmbench.core.records import make_record, write_record
+from wmbench.report.tables import build_report
 
 
 def _grid_record(backbone, seq_len, seed, ms, err, status="ok"):

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from wmbench import checkpoint as ckpt
-from wmbench.errors import UserError
-from wmbench.records import load_records, validate_record
-from wmbench.train_atari import (ActingContext, NonFiniteLossError, env_state, evaluate, resolve_config,
-                                 set_env_state, train)
+from wmbench.agent import checkpoint as ckpt
+from wmbench.agent.acting import ActingContext, env_state, evaluate, set_env_state
+from wmbench.agent.config import resolve_config
+from wmbench.agent.train import NonFiniteLossError, train
+from wmbench.core.errors import UserError
+from wmbench.core.records import load_records, validate_record
 
 EP_LEN = 10   # short gridgoal episodes, so runs of a few dozen steps finish several
 
@@ -121,7 +122,7 @@ def test_run_record_is_valid(full_run):
     for k in ("env_steps_per_s", "updates_per_s", "s_per_update", "wall_time"):
         assert m[k]["value"] > 0 and m[k]["unit"]
     assert rec["protocol"]["episode_length"] == EP_LEN and rec["ale_py_version"]
-    from wmbench.atari_report import atari_markdown
+    from wmbench.report.atari import atari_markdown
     md = atari_markdown([rec])
     assert "## gridgoal" in md and f"| mamba2 | dfs | tiny | paper | 0 | 32 | **{m['score']['value']:.2f}** |" in md
     assert "| **score** | score / random | final eval (N) |" in md
@@ -206,7 +207,7 @@ def test_signal_checkpoints_at_the_step_boundary(tmp_path, monkeypatch, signame)
 
 def test_checkpoints_by_wall_time(tmp_path, monkeypatch):
     """With step checkpoints off, a checkpoint still comes every `checkpoint_minutes` of wall time."""
-    from wmbench import train_atari
+    from wmbench.agent import train as train_atari
     clock = {"t": 1000.0}
     real = train_atari.time.perf_counter
 
@@ -255,7 +256,7 @@ def test_cli_unknown_game_gives_one_line_error():
 ])
 def test_cli_bad_options_give_one_line_error(args, expect, capsys, tmp_path):
     from wmbench import cli
-    from wmbench.train_atari import add_parser
+    from wmbench.agent.cli import add_parser
     if not any("atari" in getattr(f, "__name__", "") or f is add_parser for f in cli.COMMANDS):
         pytest.skip("atari not wired into wmbench.cli yet")
     rc = cli.main(["atari", "--game", "gridgoal", "--run-dir", str(tmp_path / "r"), *args])
@@ -274,7 +275,7 @@ def one_thread():
 
 def test_evaluate_runs_exactly_n_full_episodes(one_thread):
     from wmbench.agent import ActorCritic
-    from wmbench.presets import get_preset
+    from wmbench.world_model.config import get_preset
     from wmbench.tasks.atari import make_env
     from wmbench.world_model import WorldModel
     cfg = get_preset("tiny", backbone="gru")
@@ -334,8 +335,9 @@ def test_evaluation_plays_full_games_through_lost_lives(one_thread):
     """Breakout (5 lives): one evaluation episode runs until game over, past every lost life, and a lost
     life does not cut the action repeat short (the official eval env); training keeps the protocol's break."""
     from wmbench.agent import ActorCritic
-    from wmbench.presets import get_preset
-    from wmbench.train_atari import check_config, env_makers
+    from wmbench.world_model.config import get_preset
+    from wmbench.agent.acting import env_makers
+    from wmbench.agent.config import check_config
     from wmbench.world_model import WorldModel
     cfg = check_config(resolve_config("tiny", game="Breakout"))
     make, make_eval = env_makers(cfg)

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from wmbench import allocator
+from wmbench.core import allocator
 
 
 def _csv(kind):
@@ -38,7 +38,8 @@ def _add_bench(sub):
 
 
 def _cmd_bench(a) -> int:
-    from wmbench.bench import BenchConfig, format_table, run_bench
+    from wmbench.harness.bench import BenchConfig, run_bench
+    from wmbench.report.bench import format_table
     for name, v in (("--batch", a.batch), ("--d-model", a.d_model), ("--layers", a.layers), ("--iters", a.iters)):
         if v <= 0:
             raise ValueError(f"{name} must be positive, got {v}")
@@ -91,12 +92,12 @@ def _games() -> list[str]:
 def _presets() -> list[str]:
     out = []
     try:
-        from wmbench.harness import PRESETS as run_presets
+        from wmbench.harness.gridworld import PRESETS as run_presets
         out += [f"run:{k}" for k in run_presets]
     except ImportError:
         pass
     try:
-        from wmbench.presets import list_presets
+        from wmbench.world_model.config import list_presets
         out += [f"atari:{k}" for k in list_presets()]
     except ImportError:
         pass
@@ -132,8 +133,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _cmd_run(a) -> int:
-    from wmbench.harness import check_config, make_config, summary_lines, train_and_evaluate
-    from wmbench.records import make_record, write_record
+    from wmbench.harness.gridworld import check_config, make_config, summary_lines, train_and_evaluate
+    from wmbench.core.records import make_record, write_record
 
     if a.task != "gridworld":
         import wmbench
@@ -173,14 +174,14 @@ def _add_report(sub):
 
 
 def _cmd_report(a) -> int:
-    from wmbench.report import build_report
+    from wmbench.report.tables import build_report
     for path in build_report(a.runs_dir, a.out):
         print(path)
     return 0
 
 
-def _add_atari(sub):  # the Drama agent: wmbench/train_atari.py
-    from wmbench.train_atari import add_parser
+def _add_atari(sub):  # the Drama agent: wmbench/agent/
+    from wmbench.agent.cli import add_parser
     add_parser(sub)
 
 

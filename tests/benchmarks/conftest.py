@@ -5,7 +5,7 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("WMBENCH_BENCH_THREADS", os.cpu_count() or 1)))
 
-# the same malloc mode as the `wmbench` commands (see wmbench/allocator.py), so numbers agree
-from wmbench import allocator  # noqa: E402
+# the same malloc mode as the `wmbench` commands (see wmbench/core/allocator.py), so numbers agree
+from wmbench.core import allocator  # noqa: E402
 
 allocator.configure()

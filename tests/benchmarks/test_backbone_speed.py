@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wmbench
-from wmbench.measure import PeakMemory
+from wmbench.core.measure import PeakMemory
 
 B, D, N_LAYERS = 16, 512, 2
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmbench.errors import UserError
-from wmbench.records import atomic_write_text
+from wmbench.core.errors import UserError
+from wmbench.core.records import atomic_write_text
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -134,10 +134,6 @@ def _read_latest(root: Path) -> str | None:
         return (root / LATEST).read_text().strip() or None
     except FileNotFoundError:
         return None
-
-
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
-    return (ckpt_root(run_dir) / LATEST).exists()
 
 
 def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:

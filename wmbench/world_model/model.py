@@ -10,13 +10,11 @@ Mamba, Mamba-2, GRU and Transformer. Training is fully parallel over time: the p
 O_t only, so the backbone runs once over the whole (b, l) batch. Imagination `prefill`s real contexts,
 then rolls out with the backbone's O(1)-per-token `step`, with no state resets at episode ends.
 
-Also here (shared with wmbench.agent): symlog/two-hot, RMSNorm MLPs, the LaProp optimiser.
-`python -m wmbench.world_model --preset XS --threads 1` times one world-model update, one imagination
-and one actor-critic update on random data.
+Its pieces live beside it: networks.py (encoder, decoder, MLPs), distributions.py (latents, two-hot,
+KL), optim.py (LaProp, warm-up, training state), config.py (sizes and the paper-vs-code options).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -24,261 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wmbench.presets import DramaConfig
+from wmbench.world_model.config import DramaConfig
+from wmbench.world_model.distributions import (TwoHot, categorical_kl, free_bits_kl, sample_onehot_st,
+                                               unimix_logprobs)
+from wmbench.world_model.networks import Decoder, Encoder, rms_mlp, trunc_normal_init
+from wmbench.world_model.optim import TrainState, autocast, check_finite, make_optimizer
 
-
-# ----------------------------------------------------------------------------------------------
-# symlog two-hot (DreamerV3), used by the reward head and the critic
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
-
-
-class TwoHot(nn.Module):
-    """Scalar <-> distribution over `n_bins` equally spaced bins in symlog space ([-20, 20])."""
-
-    def __init__(self, n_bins: int = 255, low: float = -20.0, high: float = 20.0):
-        super().__init__()
-        if n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        self.register_buffer("bins", torch.linspace(low, high, n_bins), persistent=False)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (...) -> two-hot weights (..., n_bins) on symlog(x); weights of the 2 nearest bins sum to 1."""
-        y = symlog(x).clamp(self.bins[0], self.bins[-1])
-        k = torch.bucketize(y, self.bins, right=True).clamp(1, len(self.bins) - 1)  # bins[k-1] <= y < bins[k]
-        lo, hi = self.bins[k - 1], self.bins[k]
-        w_hi = (y - lo) / (hi - lo)
-        out = torch.zeros(*y.shape, len(self.bins), device=y.device, dtype=y.dtype)
-        out.scatter_(-1, (k - 1).unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
-        out.scatter_add_(-1, k.unsqueeze(-1), w_hi.unsqueeze(-1))
-        return out
-
-    def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., n_bins) -> expected value, symexp(E[bin])."""
-        return symexp(torch.softmax(logits, -1) @ self.bins)
-
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of logits (..., n_bins) against two-hot(target (...)), averaged."""
-        return -(self.encode(target.detach()) * F.log_softmax(logits, -1)).sum(-1).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# small building blocks
-
-def rms_mlp(d_in: int, d_hidden: int, d_out: int, n_layers: int) -> nn.Sequential:
-    """n_layers x [Linear, RMSNorm, SiLU] then a Linear head (Tables 7-8)."""
-    layers: list[nn.Module] = []
-    for i in range(n_layers):
-        layers += [nn.Linear(d_in if i == 0 else d_hidden, d_hidden), nn.RMSNorm(d_hidden, eps=1e-5), nn.SiLU()]
-    layers.append(nn.Linear(d_hidden if n_layers else d_in, d_out))
-    return nn.Sequential(*layers)
-
-
-class Encoder(nn.Module):
-    """Conv(k, stride s_i, 'same' padding) -> BatchNorm -> SiLU per layer (Table 5), then flatten.
-
-    XS: 3x64x64 -> 16x64x64 -> 32x32x32 -> 48x16x16 -> 64x8x8 -> 64x4x4 = 1024 features.
-    """
-
-    def __init__(self, cfg: DramaConfig):
-        super().__init__()
-        layers, c_in = [], cfg.image_channels
-        for c, s in zip(cfg.enc_filters, cfg.enc_strides):
-            layers += [nn.Conv2d(c_in, c, cfg.kernel, s, cfg.kernel // 2), nn.BatchNorm2d(c), nn.SiLU()]
-            c_in = c
-        self.net = nn.Sequential(*layers)
-        res = cfg.image_size // cfg.obs_pool // math.prod(cfg.enc_strides)
-        self.out_shape = (cfg.enc_filters[-1], res, res)
-        self.out_dim = math.prod(self.out_shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N, C, H, W) float -> (N, out_dim)
-        return self.net(x).flatten(1)
-
-
-class Decoder(nn.Module):
-    """Mirror of the encoder (official code section 6.5): Linear -> (C, s, s) -> BN -> SiLU, then
-    ConvTranspose layers walking the encoder backwards, the last one to image channels with the first
-    encoder stride, then a sigmoid (pixels in [0, 1])."""
-
-    def __init__(self, cfg: DramaConfig, out_shape: tuple):
-        super().__init__()
-        self.out_shape = out_shape
-        self.fc = nn.Linear(cfg.latent_dim, math.prod(out_shape))
-        self.fc_norm = nn.Sequential(nn.BatchNorm2d(out_shape[0]), nn.SiLU())
-        f, s, k = cfg.enc_filters, cfg.enc_strides, cfg.kernel
-        layers = []
-        for i in range(len(f) - 1, 0, -1):   # f[i] -> f[i-1], undoing encoder layer i's stride
-            layers += [self._up(f[i], f[i - 1], k, s[i]), nn.BatchNorm2d(f[i - 1]), nn.SiLU()]
-        layers.append(self._up(f[0], cfg.image_channels, k, s[0]))
-        self.net = nn.Sequential(*layers)
-
-    @staticmethod
-    def _up(c_in, c_out, k, stride):
-        # stride 2 doubles the resolution exactly (output_padding 1); stride 1 keeps it
-        return nn.ConvTranspose2d(c_in, c_out, k, stride, k // 2, output_padding=stride - 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:   # (N, latent_dim) -> (N, C, H, W) in [0, 1]
-        x = self.fc_norm(self.fc(z).view(-1, *self.out_shape))
-        return torch.sigmoid(self.net(x))
-
-
-def trunc_normal_init(m: nn.Module) -> None:
-    """DreamerV3's fan-average initialisation, as the official code applies it (`weight_init`): weights
-    ~ N(0, std^2) truncated at ±2 std, std = sqrt(1 / fan_avg) / 0.8796 (the truncation's std factor),
-    fan_avg = (fan_in + fan_out) / 2 with the kernel area counted; zero biases. Linear and (transposed)
-    convolutions only; use with `module.apply`."""
-    if isinstance(m, nn.Linear):
-        fan_avg = (m.in_features + m.out_features) / 2
-    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        area = m.kernel_size[0] * m.kernel_size[1]
-        fan_avg = area * (m.in_channels + m.out_channels) / 2
-    else:
-        return
-    std = math.sqrt(1.0 / fan_avg) / 0.87962566103423978
-    nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
-
-
-def unimix_logprobs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
-    """log((1 - u) softmax(logits) + u / C): keeps every class probability >= u / C (KL stays finite)."""
-    probs = torch.softmax(logits, -1)
-    if unimix > 0:
-        probs = (1 - unimix) * probs + unimix / logits.shape[-1]
-    return torch.log(probs)
-
-
-def sample_onehot_st(logprobs: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients: sample + p - sg(p)."""
-    probs = logprobs.exp()
-    # inverse-CDF sampling: one uniform per variable (torch.multinomial draws one per class, ~10x slower)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(*cdf.shape[:-1], 1, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
-    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-    onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
-    return onehot + probs - probs.detach()
-
-
-def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) for (..., K, C) log-probabilities, summed over the K categorical variables -> (...)."""
-    return (logp.exp() * (logp - logq)).sum((-1, -2))
-
-
-def free_bits_kl(kl: torch.Tensor, free_bits: float, mode: str) -> torch.Tensor:
-    """max(free_bits, KL): per step then averaged (paper eq. 7, DreamerV3) or on the batch mean (code)."""
-    if mode == "step":
-        return kl.clamp(min=free_bits).mean()
-    return kl.mean().clamp(min=free_bits)
-
-
-# ----------------------------------------------------------------------------------------------
-# optimiser: LaProp (Ziyin et al. 2020), as used by the official code; AdamW as the alternative
-
-class LaProp(torch.optim.Optimizer):
-    """Adam with the order of momentum and normalisation swapped: m <- b1 m + (1-b1) lr g / sqrt(v_hat).
-
-    weight_decay_mode 'unscaled' applies p <- p (1 - wd) every step (the official code's LaProp);
-    'decoupled' applies p <- p (1 - lr wd) (AdamW's convention).
-    """
-
-    def __init__(self, params, lr=4e-5, betas=(0.9, 0.999), eps=1e-20, weight_decay=0.0,
-                 weight_decay_mode="unscaled"):
-        if weight_decay_mode not in ("unscaled", "decoupled"):
-            raise ValueError(f"weight_decay_mode must be 'unscaled' or 'decoupled', got {weight_decay_mode!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      weight_decay_mode=weight_decay_mode))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["m"] = torch.zeros_like(p)
-                    st["v"] = torch.zeros_like(p)
-                    st["lr_avg"] = 0.0   # EMA of lr, for bias correction with a changing lr (warm-up)
-                st["step"] += 1
-                st["lr_avg"] = b1 * st["lr_avg"] + (1 - b1) * lr
-                m, v, g = st["m"], st["v"], p.grad
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v / (1 - b2 ** st["step"])).sqrt_().add_(group["eps"])
-                m.mul_(b1).addcdiv_(g, denom, value=(1 - b1) * lr)
-                if wd:
-                    p.mul_(1 - (wd if group["weight_decay_mode"] == "unscaled" else lr * wd))
-                p.sub_(m, alpha=lr / st["lr_avg"])   # m / bias-correction (= lr_avg / lr)
-        return loss
-
-
-def make_optimizer(module: nn.Module, kind: str, lr: float, eps: float, weight_decay: float = 0.0,
-                   weight_decay_mode: str = "unscaled", warmup: int = 0, decay_all: bool = False):
-    """Optimiser + linear-warm-up scheduler. Parameters flagged `_no_weight_decay` (A_log, D, dt_bias:
-    mamba-ssm's convention) are not decayed unless `decay_all` (the official code decays everything)."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (no_decay if getattr(p, "_no_weight_decay", False) and not decay_all else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    groups = [g for g in groups if g["params"]]
-    if kind == "laprop":
-        opt = LaProp(groups, lr=lr, eps=eps, weight_decay_mode=weight_decay_mode)
-    elif kind == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, eps=max(eps, 1e-8))
-    else:
-        raise ValueError(f"unknown optimizer {kind!r}; valid choices: laprop, adamw")
-    w = max(int(warmup), 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / w) if w else 1.0)
-    return opt, sched
-
-
-def check_finite(losses: Mapping[str, torch.Tensor], where: str) -> dict:
-    """Tensor losses -> floats (one sync); raise FloatingPointError naming any non-finite one."""
-    names = list(losses)
-    values = torch.stack([losses[k].detach().float().reshape(()) for k in names]).tolist()
-    out = dict(zip(names, values))
-    bad = [f"{k}={v}" for k, v in out.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"{where}: non-finite {', '.join(bad)}; parameters were not updated")
-    return out
-
-
-class TrainState:
-    """Mixin: everything needed to resume training (weights, buffers, optimiser, warm-up schedule),
-    as plain tensors / numbers, loadable with torch.load(weights_only=True)."""
-
-    def training_state(self) -> dict:
-        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
-
-    def load_training_state(self, state: Mapping) -> None:
-        missing = {"model", "optimizer", "scheduler"} - set(state)
-        if missing:
-            raise ValueError(f"training state lacks {', '.join(sorted(missing))}")
-        self.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def autocast(cfg: DramaConfig, device: torch.device):
-    """bf16 autocast when cfg.amp (the official code trains in bf16), else a no-op context."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp))
-
-
-# ----------------------------------------------------------------------------------------------
-# imagination output
 
 @dataclass
 class Imagination:
@@ -329,7 +78,7 @@ class WorldModel(TrainState, nn.Module):
         self.stem = nn.Sequential(nn.Linear(K * C + n_actions, D), nn.RMSNorm(D, eps=1e-5), nn.SiLU(),
                                   nn.Dropout(cfg.dropout))
         if backbone is None:
-            from wmbench.registry import create_backbone
+            from wmbench.core.registry import create_backbone
             backbone = create_backbone(cfg.backbone, cfg.d_model, cfg.n_layers, **cfg.backbone_kwargs())
         self.backbone = backbone
         self.prior_head = nn.Linear(D, K * C)                            # p(ẑ_{t+1} | d_t)
@@ -559,54 +308,3 @@ class WorldModel(TrainState, nn.Module):
         finally:
             self.train(was_training)
         return torch.cat([z_t, h], -1).float()
-
-
-# ----------------------------------------------------------------------------------------------
-# `python -m wmbench.world_model --preset XS`: time one world-model update + one imagination + one
-# actor-critic update on random data (the numbers used for training-time estimates)
-
-def _time_updates(argv=None) -> dict:
-    import argparse
-    import json
-
-    from wmbench.agent import Agent
-    from wmbench.measure import median, time_calls
-    from wmbench.presets import get_preset
-
-    ap = argparse.ArgumentParser(description=_time_updates.__doc__)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--backbone", default="mamba2")
-    ap.add_argument("--actions", type=int, default=18)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides")
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    cfg = get_preset(a.preset, backbone=a.backbone, **over)
-    dev = torch.device(a.device)
-    torch.manual_seed(0)
-    wm, ag = WorldModel(cfg, a.actions).to(dev), Agent(cfg, a.actions).to(dev)
-    B, L, Bi, Li = cfg.batch_size, cfg.batch_length, cfg.imag_batch, cfg.imag_context
-    frames = lambda *s: torch.randint(0, 256, (*s, cfg.image_size, cfg.image_size, cfg.image_channels),
-                                      dtype=torch.uint8, device=dev)
-    batch = dict(obs=frames(B, L), action=torch.randint(0, a.actions, (B, L), device=dev),
-                 reward=torch.randn(B, L, device=dev), termination=torch.zeros(B, L, device=dev))
-    ctx_obs, ctx_act = frames(Bi, Li), torch.randint(0, a.actions, (Bi, Li), device=dev)
-    im = wm.imagine(ctx_obs, ctx_act, ag)
-    t_wm = time_calls(lambda: wm.train_step(batch), warmup=a.warmup, iters=a.iters, device=dev)
-    t_im = time_calls(lambda: wm.imagine(ctx_obs, ctx_act, ag), warmup=a.warmup, iters=a.iters, device=dev)
-    t_ac = time_calls(lambda: ag.update(im), warmup=a.warmup, iters=a.iters, device=dev)
-    res = {"preset": cfg.name, "backbone": cfg.backbone, "threads": torch.get_num_threads(), "device": str(dev),
-           "wm_batch": [B, L], "imag": [Bi, Li, cfg.imag_horizon], "wm_params": wm.param_counts()["total"],
-           "wm_update_s": median(t_wm), "imagine_s": median(t_im), "ac_update_s": median(t_ac)}
-    res["total_s"] = res["wm_update_s"] + res["imagine_s"] + res["ac_update_s"]
-    print(json.dumps(res))
-    return res
-
-
-if __name__ == "__main__":
-    _time_updates()

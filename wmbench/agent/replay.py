@@ -316,37 +316,3 @@ def make_replay(sampler: str = "dfs", capacity: int = 100_000, dfs_mode: str = "
     if dfs_overrides:
         cfg = dataclasses.replace(cfg, **dfs_overrides)
     return ReplayBuffer(capacity=capacity, sampler=sampler, dfs=cfg, seed=seed)
-
-
-def benchmark(capacity: int = 100_000, repeats: int = 10, sampler: str = "dfs",
-              wm_batch=(16, 64), img_batch=(1024, 8)) -> dict[str, float]:
-    """Median ms to sample a world-model batch and an imagination-context batch from a full buffer:
-    index selection (sampler + counters) and the frame gather, separately."""
-    import time
-    rb = ReplayBuffer(capacity, sampler=sampler)
-    rb.obs[:] = (np.arange(capacity, dtype=np.int64) % 251).astype(np.uint8)[:, None, None, None]
-    rb.size, rb.ptr, rb.n_added = capacity, capacity // 3, 2 * capacity  # full and wrapped
-    outs = [np.empty(tuple(b) + rb.obs_shape, np.uint8) for b in (wm_batch, img_batch)]
-
-    def med(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(ts))
-
-    res = {}
-    for name, (B, L), img, out in (("wm", wm_batch, False, outs[0]), ("img", img_batch, True, outs[1])):
-        idx = rb.sample_indices(B, L, img)
-        res[f"{name}_indices_ms"] = med(lambda: rb.sample_indices(B, L, img))
-        res[f"{name}_gather_ms"] = med(lambda: rb.gather(idx))
-        res[f"{name}_gather_reused_out_ms"] = med(lambda: rb.gather(idx, out))
-    res["total_ms"] = sum(res[f"{n}_{k}"] for n in ("wm", "img") for k in ("indices_ms", "gather_ms"))
-    return res
-
-
-if __name__ == "__main__":  # python -m wmbench.replay
-    for s in SAMPLERS:
-        print(s, {k: round(v, 2) for k, v in benchmark(sampler=s).items()})

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from wmbench import allocator
+from wmbench.core import allocator
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
@@ -95,11 +95,11 @@ def environment(device: torch.device | str = "cpu") -> dict:
     """Everything needed to interpret a number: versions, commit, hardware, threads."""
     import numpy
 
-    import wmbench
+    from wmbench.core.version import __version__
 
     device = torch.device(device)
     env: dict[str, Any] = {
-        "wmbench_version": wmbench.__version__,
+        "wmbench_version": __version__,
         **_git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,

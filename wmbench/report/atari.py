@@ -1,4 +1,4 @@
-"""Markdown tables of `wmbench atari` run records (called by wmbench/report.py).
+"""Markdown tables of `wmbench atari` run records (called by wmbench/report/tables.py).
 
 One table per game; one row per run (seed), then a mean row per configuration when it has several
 seeds. The headline column is the paper's score: the mean of the last 5 training episodes (older

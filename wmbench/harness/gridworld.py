@@ -8,20 +8,8 @@ frame to condition on; its cells 1..l_g^2-1 still count in the loss (they teach 
 the prior over positions; cell 0 has no predecessor at all), but frame 0 is never scored by the error
 metric, which needs a previous frame and action.
 
-Evaluation, on held-out sequences drawn from a different seed stream than training:
-  * imagination (the headline `error_pct`): for K frame positions t spread over the sequence
-    (always including the last frame), `prefill` the true context tokens[:, :t*l_f] (frames 0..t-1 and
-    their actions) and `step` greedily through the l_g^2 cells of frame t, feeding back each argmax
-    (restricted to the cell tokens). This is how a world model imagines, and a perfect model scores
-    exactly the oracle floor: on a re-spawn frame it still writes a valid frame and guesses a cell.
-  * teacher forcing (`error_pct_teacher_forced`): one parallel pass; each cell of frames 1..n-1 is the
-    argmax given the *true* previous tokens. Cheap and covers every frame, but on re-spawn frames even
-    a perfect model writes invalid frames (each cell is guessed on its own, e.g. "floor" everywhere
-    until the last cells), so it sits above the floor there; on predictable frames both modes agree.
-  * the oracle (tasks.gridworld.oracle_predict) on the same frames: the irreducible floor, and the
-    share of re-spawn frames. Errors are reported over all frames and over predictable frames only.
-  * imagination wall-clock: at the longest context (the last frame, L - l_f tokens of context) the
-    time of `prefill` and the ms per generated token of the greedy step loop.
+Evaluation (held-out sequences, imagined and teacher-forced frames against the oracle floor,
+imagination wall-clock) is in gridworld_eval.py.
 Training ms/step is the median over `timed_steps` steps after 2 untimed ones (fwd + bwd + optimizer,
 device synchronised); the data for each step is generated before its timer starts and timed apart.
 
@@ -31,8 +19,6 @@ thread is at most ~2x slower on an idle machine; `threads=0` keeps torch's defau
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import random
 import time
@@ -43,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import wmbench
-from wmbench.measure import PeakMemory, median, metric, sync
+from wmbench.core.measure import PeakMemory, median, metric, sync
+from wmbench.core.registry import BACKBONES, create_backbone, get_task
+from wmbench.harness.gridworld_eval import DTYPES, autocast, cell_mask, evaluate, train_seed
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IGNORE = -100
 
 
@@ -59,7 +45,7 @@ class GridWorldLM(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.backbone = wmbench.create_backbone(backbone, d_model, n_layers, **backbone_options)
+        self.backbone = create_backbone(backbone, d_model, n_layers, **backbone_options)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -178,7 +164,7 @@ def make_config(preset: str = "cpu", **overrides) -> RunConfig:
 
 def check_config(cfg: RunConfig):
     """Validate a config; returns (task object, number of frames). Raises ValueError with one line."""
-    task = wmbench.get_task(cfg.task)()
+    task = get_task(cfg.task)()
     n_frames = task.check_length(cfg.seq_len)
     if n_frames < 2:
         raise ValueError(f"--len must hold at least 2 frames ({2 * task.frame_len} tokens), got {cfg.seq_len}")
@@ -200,7 +186,7 @@ def check_config(cfg: RunConfig):
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available; valid choices: cpu")
-    wmbench.registry.BACKBONES.get(cfg.backbone)   # unknown backbone -> ValueError naming the choices
+    BACKBONES.get(cfg.backbone)   # unknown backbone -> ValueError naming the choices
     return task, n_frames
 
 
@@ -213,194 +199,10 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def _autocast(cfg: RunConfig):
-    if cfg.dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# Seed streams: training batch i uses [seed, 0, i]; held-out data uses [seed, 1]. They never overlap.
-def _train_seed(seed: int, i: int) -> list[int]:
-    return [seed, 0, i]
-
-
-def _eval_seed(seed: int) -> list[int]:
-    return [seed, 1]
-
-
-# ---- evaluation ----------------------------------------------------------------------------------
-
-def _cell_mask(task, device) -> torch.Tensor:
-    m = torch.zeros(task.vocab_size, dtype=torch.bool, device=device)
-    m[list(task.cell_tokens)] = True
-    return m
-
-
-def _greedy_cells(logits: torch.Tensor, not_cell: torch.Tensor) -> torch.Tensor:
-    # generated tokens are cells: action ids are never targets, so they are excluded from the argmax
-    return logits.float().masked_fill(not_cell, float("-inf")).argmax(-1)
-
-
-@torch.no_grad()
-def teacher_forced_frames(model: GridWorldLM, tokens: torch.Tensor, task, chunk: int) -> np.ndarray:
-    """Argmax cell predictions given the true prefix: (B, n*l_f) -> (B, n-1, n_cells) for frames 1..n-1."""
-    not_cell = ~_cell_mask(task, tokens.device)
-    l_f, n_cells = task.frame_len, task.n_cells
-    out = []
-    for i in range(0, tokens.shape[0], chunk):
-        x = tokens[i:i + chunk]
-        logits = model(x)                                          # (b, L, V)
-        pred = _greedy_cells(logits, not_cell)                     # pred[:, j] is the guess for x[:, j+1]
-        b, L = x.shape
-        frames = pred.reshape(b, L // l_f, l_f)                    # frame f: positions f*l_f ... f*l_f+25
-        # cell c of frame f (token f*l_f + c, f >= 1) is predicted at position f*l_f + c - 1
-        prev_pos = torch.cat([frames[:, :-1, -1:], frames[:, 1:, :n_cells - 1]], dim=-1)
-        out.append(prev_pos.cpu().numpy())
-    return np.concatenate(out, axis=0)
-
-
-def _greedy_rollout(model: GridWorldLM, logits: torch.Tensor, state, n_cells: int, not_cell: torch.Tensor):
-    """From the logits after a context, generate n_cells cells greedily, feeding back each argmax."""
-    cells = []
-    for _ in range(n_cells):
-        tok = _greedy_cells(logits, not_cell)                      # (B,)
-        cells.append(tok)
-        logits, state = model.step(tok, state)                     # fed back: a rollout would continue
-    return torch.stack(cells, dim=1)
-
-
-@torch.no_grad()
-def imagine_frame(model: GridWorldLM, context: torch.Tensor, task, max_len: int):
-    """Greedy imagination of the frame that follows `context` (B, T): prefill then n_cells steps.
-
-    Returns (cells (B, n_cells) int64, prefill seconds, generation seconds). Timings are synchronised.
-    """
-    dev = context.device
-    not_cell = ~_cell_mask(task, dev)
-    state = model.init_state(context.shape[0], max_len=max_len)
-    sync(dev)
-    t0 = time.perf_counter()
-    logits, state = model.prefill(context, state)
-    sync(dev)
-    t1 = time.perf_counter()
-    cells = _greedy_rollout(model, logits, state, task.n_cells, not_cell)
-    sync(dev)
-    t2 = time.perf_counter()
-    return cells.cpu().numpy(), t1 - t0, t2 - t1
-
-
-@torch.no_grad()
-def imagine_frames(model: GridWorldLM, tokens: torch.Tensor, task, positions: list[int], max_len: int) -> np.ndarray:
-    """Imagine frame t of every sequence for each t in `positions`, each from its true context.
-
-    tokens (B, n*l_f). One pass over the sequence: `prefill` the true tokens up to frame t (continuing
-    the state of the previous prefill), copy the state and roll the copy out greedily, so the cost is
-    one prefill of the sequence plus len(positions) * n_cells steps. Returns (B, len(positions), n_cells).
-    """
-    not_cell = ~_cell_mask(task, tokens.device)
-    state = model.init_state(tokens.shape[0], max_len=max_len)
-    done, out = 0, []
-    for t in sorted(positions):
-        logits, state = model.prefill(tokens[:, done:t * task.frame_len], state)
-        done = t * task.frame_len
-        branch = copy.deepcopy(state)                              # states may be updated in place
-        out.append(_greedy_rollout(model, logits, branch, task.n_cells, not_cell))
-        del branch
-    return torch.stack(out, dim=1).cpu().numpy()
-
-
-def _frame_positions(n_frames: int, k: int) -> list[int]:
-    """k frame indices in 1..n-1, evenly spread, always including the last frame."""
-    return sorted({int(round(v)) for v in np.linspace(1, n_frames - 1, num=min(k, n_frames - 1))})
-
-
-def _summarise(task, pred, target, prev, action, prefix: str, method: str) -> dict:
-    fe = task.frame_errors(pred, target, prev, action)
-    ok = fe["predictable"]
-    all_ = task.error_percent(fe["geometric"], fe["logic"])
-    out = {
-        f"{prefix}error_pct": metric(all_["error"], "%", f"{method}; mean(E_g, E_l) over {len(ok)} frames"),
-        f"{prefix}E_g_pct": metric(all_["E_g"], "%", f"{method}; frames with a geometric violation"),
-        f"{prefix}E_l_pct": metric(all_["E_l"], "%", f"{method}; frames with a logic failure"),
-    }
-    if ok.any():
-        pr = task.error_percent(fe["geometric"][ok], fe["logic"][ok])
-        out[f"{prefix}error_pct_predictable"] = metric(pr["error"], "%", f"{method}; {int(ok.sum())} frames "
-                                                       "that do not follow a re-spawn")
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: GridWorldLM, cfg: RunConfig, task, n_frames: int) -> dict:
-    dev = torch.device(cfg.device)
-    model.eval()
-    tokens_np = task.sample(cfg.eval_sequences, n_frames, seed=_eval_seed(cfg.seed))
-    cells, actions = task.split_frames(tokens_np)                  # (E, n, n_cells), (E, n)
-    tokens = torch.from_numpy(tokens_np).to(dev)
-    l_f, n_cells = task.frame_len, task.n_cells
-    chunk = min(cfg.eval_sequences, cfg.eval_batch)
-    out: dict = {}
-
-    # oracle and respawn share over every scored frame (1..n-1)
-    prev_all = cells[:, :-1].reshape(-1, n_cells)
-    tgt_all = cells[:, 1:].reshape(-1, n_cells)
-    act_all = actions[:, :-1].reshape(-1)
-    oracle_all = task.oracle_predict(prev_all, act_all)
-    fe = task.frame_errors(oracle_all, tgt_all, prev_all, act_all)
-    out["respawn_pct"] = metric(100.0 * float((~fe["predictable"]).mean()), "%",
-                                f"share of held-out frames 1..n-1 that follow a goal re-spawn ({len(act_all)} frames)")
-    out["oracle_error_pct_all_frames"] = metric(task.error_percent(fe["geometric"], fe["logic"])["error"], "%",
-                                                "perfect dynamics without re-spawn knowledge, frames 1..n-1")
-
-    # teacher forcing over every frame
-    with _autocast(cfg):
-        tf = teacher_forced_frames(model, tokens, task, chunk).reshape(-1, n_cells)
-    out.update(_summarise(task, tf, tgt_all, prev_all, act_all, "teacher_forced_",
-                          "teacher-forced greedy cells, frames 1..n-1"))
-
-    # imagination at K positions (prefill the true context, greedy steps through the frame)
-    positions = _frame_positions(n_frames, cfg.imagine_frames)
-    preds = []
-    with _autocast(cfg):
-        for i in range(0, cfg.eval_sequences, chunk):
-            preds.append(imagine_frames(model, tokens[i:i + chunk], task, positions, max_len=cfg.seq_len))
-    pos = np.array(positions)
-    pred = np.concatenate(preds).reshape(-1, n_cells)              # (E * K, n_cells), sequence-major
-    tgt = cells[:, pos].reshape(-1, n_cells)
-    prev = cells[:, pos - 1].reshape(-1, n_cells)
-    act = actions[:, pos - 1].reshape(-1)
-    method = f"greedy imagination (prefill true context + {n_cells} steps) at frames {positions}"
-    out.update(_summarise(task, pred, tgt, prev, act, "", method))
-    fe = task.frame_errors(task.oracle_predict(prev, act), tgt, prev, act)
-    out["oracle_error_pct"] = metric(task.error_percent(fe["geometric"], fe["logic"])["error"], "%",
-                                     "perfect dynamics without re-spawn knowledge, on the imagined frames")
-    out["respawn_pct_imagined"] = metric(100.0 * float((~fe["predictable"]).mean()), "%",
-                                         "share of imagined frames that follow a re-spawn")
-    out["error_above_floor_pp"] = metric(out["error_pct"]["value"] - out["oracle_error_pct"]["value"], "pp",
-                                         "error_pct - oracle_error_pct on the same frames")
-
-    # imagination wall-clock at the longest context: predict the last frame from L - l_f tokens
-    b = min(cfg.batch_size, cfg.eval_sequences)
-    ctx = tokens[:b, :(n_frames - 1) * l_f]
-    pre_s, gen_s = [], []
-    with _autocast(cfg):
-        imagine_frame(model, ctx, task, max_len=cfg.seq_len)       # warm-up
-        for _ in range(3):
-            _, a, g = imagine_frame(model, ctx, task, max_len=cfg.seq_len)
-            pre_s.append(a)
-            gen_s.append(g)
-    out["imagine_ms_per_token"] = metric(1e3 * median(gen_s) / n_cells, "ms",
-                                         f"median of 3: greedy step() loop for {n_cells} tokens / {n_cells}, "
-                                         f"batch {b}, after prefill of {ctx.shape[1]} tokens")
-    out["imagine_prefill_ms"] = metric(1e3 * median(pre_s), "ms",
-                                       f"median of 3 prefill() calls of {ctx.shape[1]} tokens, batch {b}")
-    return out
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -435,7 +237,7 @@ def _train_and_evaluate(cfg: RunConfig, task, n_frames: int, progress: bool) -> 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    is_target = _cell_mask(task, dev)
+    is_target = cell_mask(task, dev)
     timed_from = min(2, cfg.steps - 1)             # steps [timed_from, timed_from + timed_steps) are timed
     step_s, data_s, losses = [], [], []
     model.train()
@@ -445,12 +247,12 @@ def _train_and_evaluate(cfg: RunConfig, task, n_frames: int, progress: bool) -> 
     with PeakMemory(dev) as mem:
         for i in bar:
             t0 = time.perf_counter()
-            batch = torch.from_numpy(task.sample(cfg.batch_size, n_frames, seed=_train_seed(cfg.seed, i))).to(dev)
+            batch = torch.from_numpy(task.sample(cfg.batch_size, n_frames, seed=train_seed(cfg.seed, i))).to(dev)
             sync(dev)
             t1 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(i, cfg)
-            with _autocast(cfg):
+            with autocast(cfg):
                 loss = model.loss(batch, is_target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -520,4 +322,4 @@ def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
 
 
 __all__ = ["GridWorldLM", "RunConfig", "PRESETS", "make_config", "check_config", "train_and_evaluate",
-           "evaluate", "teacher_forced_frames", "imagine_frame", "imagine_frames", "lr_at", "summary_lines"]
+           "lr_at", "summary_lines"]

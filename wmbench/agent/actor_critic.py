@@ -19,8 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wmbench.presets import DramaConfig
-from wmbench.world_model import Imagination, TrainState, TwoHot, check_finite, make_optimizer, rms_mlp
+from wmbench.world_model.config import DramaConfig
+from wmbench.world_model.distributions import TwoHot
+from wmbench.world_model.model import Imagination
+from wmbench.world_model.networks import rms_mlp
+from wmbench.world_model.optim import TrainState, check_finite, make_optimizer
 
 
 def lambda_return(rewards: torch.Tensor, continues: torch.Tensor, values: torch.Tensor,

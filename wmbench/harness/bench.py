@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from wmbench import allocator
-from wmbench.errors import UserError
-from wmbench.measure import PeakMemory, matmul_throughput, median, metric, time_calls
+from wmbench.core import allocator
+from wmbench.core.errors import UserError
+from wmbench.core.measure import PeakMemory, matmul_throughput, median, metric, time_calls
+from wmbench.core.registry import BACKBONES, create_backbone
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,11 +56,9 @@ def _flops_fwd_bwd(model, x) -> int:
 
 def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
     """Measure one backbone at one length in this process; returns metrics."""
-    import wmbench
-
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
-    model = wmbench.create_backbone(backbone, cfg.d_model, cfg.n_layers, **cfg.backbone_options).to(dev)
+    model = create_backbone(backbone, cfg.d_model, cfg.n_layers, **cfg.backbone_options).to(dev)
     x = torch.randn(cfg.batch_size, length, cfg.d_model, device=dev)
 
     def fwd_bwd():
@@ -111,7 +110,7 @@ def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int) -> dict:
     # the cell runs with the parent's malloc mode (the record names it)
     payload = json.dumps({"cfg": asdict(cfg), "backbone": backbone, "length": length,
                           "malloc": allocator.active()})
-    proc = subprocess.run([sys.executable, "-m", "wmbench.bench", "--cell", payload],
+    proc = subprocess.run([sys.executable, "-m", "wmbench.harness.bench", "--cell", payload],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["killed"])[-1]
@@ -122,12 +121,10 @@ def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int) -> dict:
 
 def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool = True) -> tuple[dict, str]:
     from tqdm import tqdm
-
-    import wmbench
-    from wmbench.records import make_record, write_record
+    from wmbench.core.records import make_record, write_record
 
     for name in cfg.backbones:
-        wmbench.registry.BACKBONES.get(name)  # unknown names fail before any work
+        BACKBONES.get(name)  # unknown names fail before any work
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
     cells = [(b, n) for b in cfg.backbones for n in cfg.lengths]
@@ -148,25 +145,6 @@ def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool =
     record = make_record("bench", asdict(cfg), metrics, device=cfg.device)
     path = write_record(record, runs_dir)
     return record, str(path)
-
-
-def format_table(record: dict) -> str:
-    m = record["metrics"]
-    lines = [f"matmul throughput: {m['matmul_throughput']['value'] / 1e9:.0f} GFLOP/s "
-             f"({record['environment']['device_name']}, {record['environment']['torch_threads']} threads, "
-             f"{record['config']['dtype']}, malloc {record['environment'].get('malloc', 'system')})",
-             f"{'backbone':<12}{'L':>6}{'params':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'GFLOP':>9}"
-             f"{'% matmul':>10}  step ms @ context"]
-    for b, cells in m["cells"].items():
-        for n, c in cells.items():
-            if "error" in c:
-                lines.append(f"{b:<12}{n:>6}  {c['error']}")
-                continue
-            steps = " ".join(f"{k}:{v:.2f}" for k, v in c["step_latency"]["value"].items())
-            lines.append(f"{b:<12}{n:>6}{c['n_params']['value']:>11,}{c['fwd_bwd_time']['value']:>12.0f}"
-                         f"{c['peak_memory']['value'] / 2**20:>10.0f}{c['model_flops']['value'] / 1e9:>9.1f}"
-                         f"{100 * c['fraction_of_matmul_peak']['value']:>9.0f}%  {steps}")
-    return "\n".join(lines)
 
 
 def _cell_main(payload: str) -> None:

@@ -6,11 +6,13 @@ CUDA memory: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
 import psutil
 import torch
 
@@ -41,6 +43,16 @@ def time_calls(fn: Callable[[], Any], warmup: int = 2, iters: int = 5,
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def mean_or_nan(xs) -> float:
+    """Mean of `xs`, NaN when there is none (e.g. no finished episode yet)."""
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def finite_or_none(x) -> float | None:
+    """A JSON-safe number for records: None instead of NaN / inf."""
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def median(xs: list[float]) -> float:

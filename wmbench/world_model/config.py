@@ -318,11 +318,3 @@ def get_preset(name: str, **overrides) -> DramaConfig:
         raise ValueError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
     check_fields(overrides)
     return PRESETS[key](**overrides)
-
-
-def config_from_dict(d: dict) -> DramaConfig:
-    """Inverse of DramaConfig.to_dict (for checkpoints); unknown keys raise ValueError."""
-    d = dict(d)
-    cls = {c.__name__: c for c in PRESETS.values()}.get(d.pop("preset_class", "XS"), DramaConfig)
-    check_fields(d)
-    return cls(**d)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wmbench.records import atomic_write_bytes, atomic_write_text, load_records
+from wmbench.core.records import atomic_write_bytes, atomic_write_text, load_records
 
 ORDER = ["mamba2", "mamba", "gru", "transformer"]
 GIB8 = 8 * 2**30  # the paper reports memory as % of an 8 GB GPU
@@ -183,7 +183,7 @@ def gridworld_plots(df: pd.DataFrame, table: pd.DataFrame, plots_dir: Path) -> l
 def bench_markdown(records: list[dict]) -> str:
     lines = ["# Backbone benchmark (`wmbench bench`)", ""]
     for rec in records:
-        from wmbench.bench import format_table
+        from wmbench.report.bench import format_table
         c = rec["config"]
         lines += [f"## {rec['created_at']} — batch {c['batch_size']}, d_model {c['d_model']}, {c['n_layers']} layers, "
                   f"{c['dtype']}, {rec['environment']['device_name']}", "", "```", format_table(rec), "```", ""]
@@ -206,7 +206,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results") -> li
         written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(bench)))
     atari = load_records(runs_dir, kind="atari")
     if atari:
-        from wmbench.atari_report import atari_markdown  # written with the Atari trainer
+        from wmbench.report.atari import atari_markdown  # written with the Atari trainer
         written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(atari)))
     if not written:
         raise FileNotFoundError(f"no run records under {runs_dir}; run `wmbench run` or `wmbench bench` first")

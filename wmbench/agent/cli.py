@@ -1,0 +1,95 @@
+"""`wmbench atari`: the command-line arguments of the Drama agent's training run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from wmbench.agent.config import RUN_PRESETS, TrainConfig, check_config, resolve_config
+
+
+def _kv(s: str) -> tuple[str, Any]:
+    """'key=value' with value parsed as JSON when possible (numbers, booleans, lists), else a string."""
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    try:
+        return k.strip(), json.loads(v)
+    except ValueError:
+        return k.strip(), v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("atari", help="train the Drama agent on an Atari100k game (or gridgoal); resumable",
+                              description="Train the Drama agent (world model + actor-critic) on one game. "
+                                          "Re-run the same command with the same --run-dir to resume.")
+    p.add_argument("--game", required=True, help="one of the 26 Atari100k games (case-insensitive) or gridgoal")
+    p.add_argument("--backbone", help="sequence model (default mamba2)")
+    p.add_argument("--sampler", help="replay sampler: dfs (default) or uniform")
+    p.add_argument("--size", help="model size preset: XS (default), S, tiny, cpu")
+    p.add_argument("--preset", help="run preset (size + schedule): " + ", ".join(RUN_PRESETS))
+    p.add_argument("--steps", type=int, help="env steps (default 100000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--run-dir", help="checkpoints, metrics and TensorBoard logs (resume: same dir)")
+    p.add_argument("--protocol", help="Atari protocol: drama (default), dreamerv3, storm, iris")
+    p.add_argument("--device", help="cpu (default), cuda, auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--train-ratio", type=float, help="updates per env step after warm-up (default 1)")
+    p.add_argument("--warmup", dest="warmup_steps", type=int, help="random-action steps before training (1032)")
+    p.add_argument("--replay-capacity", type=int)
+    p.add_argument("--dfs-mode", help="official (default: the code's DFS, which produced the paper's numbers) "
+                                      "or literal (section 2.4 as printed)")
+    p.add_argument("--faithful", help="paper (default) or code: every choice of the official code at once "
+                                      "(README: paper vs code)")
+    p.add_argument("--stale-reset-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="reproduce the official code's bug of storing the terminal frame in place of the next "
+                        "episode's first frame (default: only with --faithful code)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-episodes", type=int)
+    p.add_argument("--final-eval-episodes", type=int)
+    p.add_argument("--eval-sampled", action="store_true", help="sample actions in evaluation (default greedy)")
+    p.add_argument("--checkpoint-every", type=int, help="env steps between checkpoints (2000)")
+    p.add_argument("--checkpoint-minutes", type=float,
+                   help="also checkpoint after this many minutes of wall time (10; 0: off)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--set", dest="model_overrides", type=_kv, action="append", metavar="FIELD=VALUE",
+                   help="override a model/agent hyper-parameter (wmbench.world_model.DramaConfig), repeatable")
+    p.add_argument("--env-option", dest="env_options", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="protocol field or gridgoal option (e.g. episode_length=50), repeatable")
+    p.add_argument("--runs-dir", help="where the run record goes (default results/runs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-estimate", action="store_true", help="skip the CPU wall-time estimate")
+    p.set_defaults(func=main_atari)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    given = {k: getattr(a, k, None) for k in
+             ("game", "backbone", "sampler", "size", "steps", "seed", "run_dir", "protocol", "device", "threads",
+              "train_ratio", "warmup_steps", "replay_capacity", "dfs_mode", "faithful", "eval_every",
+              "eval_episodes", "final_eval_episodes", "checkpoint_every", "checkpoint_minutes", "log_every",
+              "runs_dir", "stale_reset_frame")}
+    if getattr(a, "eval_sampled", False):
+        given["eval_greedy"] = False
+    if a.model_overrides:
+        given["model_overrides"] = dict(a.model_overrides)
+    if a.env_options:
+        given["env_options"] = dict(a.env_options)
+    return check_config(resolve_config(a.preset, **given))
+
+
+def main_atari(a: argparse.Namespace) -> int:
+    from wmbench.agent.record import summary_lines
+    from wmbench.agent.train import NonFiniteLossError, train
+    cfg = config_from_args(a)
+    try:
+        summary = train(cfg, progress=not a.no_progress, estimate=False if a.no_estimate else None)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary["stopped"]:
+        return 130
+    print("\n".join(summary_lines(cfg, summary)))
+    print(f"record: {summary['record']}")
+    return 0

@@ -1,0 +1,183 @@
+"""Configuration of a `wmbench atari` run: TrainConfig (the schedule, sampler, evaluation and I/O
+around a model preset), run presets, and the checks that refuse bad values before any work starts."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    game: str = "Krull"
+    backbone: str = "mamba2"
+    sampler: str = "dfs"              # "dfs" (Drama) or "uniform"
+    size: str = "XS"                  # model preset (wmbench.world_model.config): XS, S, tiny, cpu
+    steps: int = 100_000              # env steps (agent steps of 4 frames on Atari): Atari100k
+    seed: int = 0
+    run_dir: str = ""                 # "" -> runs/atari/<game>-<backbone>-<sampler>-<size>-seed<seed>
+    preset: str = ""                  # run preset that set the defaults below (RUN_PRESETS); informative
+    protocol: str = "drama"           # Atari protocol (tasks/atari.py PROTOCOLS)
+    train_ratio: float = 1.0          # world-model (and agent) updates per env step after warm-up
+    warmup_steps: int = 1032          # code: updates and policy acting start once len(buffer) > 1032
+    replay_capacity: int = 100_000    # code: BufferMaxLength 100000 (pages are allocated as it fills)
+    dfs_mode: str = "official"        # the official code's DFS (what produced the paper's numbers), or
+                                      # "literal": section 2.4 as printed (collapses at scale; README)
+    faithful: str = "paper"           # "code": every choice of the official code at once (README table)
+    stale_reset_frame: bool | None = None  # the official code's bug: store the terminal frame in place of
+                                      # the next episode's first frame (None: only with faithful=code)
+    eval_every: int = 10_000          # env steps between in-training evaluations (0: none; code: 1000)
+    eval_episodes: int = 10           # code: 10 episodes
+    eval_greedy: bool = True          # code: argmax actions in evaluation
+    final_eval_episodes: int = 100    # Drama eval.py: 100 episodes of the final model
+    eval_envs: int = 16               # episodes run side by side (one batched forward per step)
+    checkpoint_every: int = 2000      # code: SaveEverySteps 2000
+    checkpoint_minutes: float = 10.0  # also checkpoint after this much wall time (0: off); and on SIGTERM/INT
+    log_every: int = 100              # env steps between train-metric rows
+    device: str = "cpu"               # cpu, cuda, cuda:1, auto
+    threads: int = 0                  # torch CPU threads (0: torch's default)
+    model_overrides: dict = field(default_factory=dict)  # DramaConfig fields, e.g. {"wm_lr": 1e-3}
+    env_options: dict = field(default_factory=dict)      # protocol fields / GridGoalEnv kwargs
+    runs_dir: str = "results/runs"    # where the final run record goes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that may change between a run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "device", "threads", "eval_every", "eval_episodes",
+                               "eval_greedy", "final_eval_episodes", "eval_envs", "checkpoint_every",
+                               "checkpoint_minutes", "log_every", "runs_dir", "preset"})
+FAITHFUL = ("paper", "code")
+
+# Run presets: a model size plus a schedule sized for it. Explicit options override them.
+RUN_PRESETS: dict[str, dict] = {
+    "XS": dict(size="XS"),   # the paper: 100k steps, warm-up 1032, 1 update per step
+    "S": dict(size="S"),
+    # smoke test: every code path in a couple of minutes on CPU
+    "tiny": dict(size="tiny", steps=2000, warmup_steps=100, eval_every=1000, eval_episodes=2,
+                 final_eval_episodes=4, checkpoint_every=500, log_every=50, replay_capacity=10_000),
+    # the CPU learning check on gridgoal: ~1000 updates of the `cpu` model (tests/test_train_atari.py)
+    "cpu": dict(size="cpu", steps=1200, warmup_steps=500, train_ratio=1.0, eval_every=500,
+                eval_episodes=8, final_eval_episodes=32, checkpoint_every=250, log_every=50,
+                replay_capacity=10_000),
+}
+
+
+def resolve_config(preset: str | None = None, **given) -> TrainConfig:
+    """TrainConfig defaults <- run preset <- explicitly given values (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if preset:
+        key = {k.lower(): k for k in RUN_PRESETS}.get(str(preset).lower())
+        if key is None:
+            raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(RUN_PRESETS)}")
+        values.update(RUN_PRESETS[key], preset=key)
+    values.update({k: v for k, v in given.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ValueError(f"unknown training option(s) {', '.join(bad)}")
+    return TrainConfig(**values)
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Canonicalise names and validate every field (ValueError with the valid choices)."""
+    from wmbench.world_model.config import list_presets
+    from wmbench.core.registry import list_backbones
+    from wmbench.agent.replay import SAMPLERS
+    from wmbench.tasks.atari import GRIDGOAL, canonical_game, get_protocol
+
+    cfg = copy.deepcopy(cfg)
+    cfg.game = canonical_game(cfg.game)
+    if cfg.backbone not in list_backbones():
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; valid choices: {', '.join(list_backbones())}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {cfg.sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+    sizes = {k.lower(): k for k in list_presets()}
+    if str(cfg.size).lower() not in sizes:
+        raise ValueError(f"unknown size {cfg.size!r}; valid choices: {', '.join(list_presets())}")
+    cfg.size = sizes[str(cfg.size).lower()]
+    if not isinstance(cfg.env_options, dict) or not isinstance(cfg.model_overrides, dict):
+        raise ValueError("env_options and model_overrides must be dicts")
+    if cfg.game == GRIDGOAL:
+        import inspect
+        from wmbench.tasks.gridgoal import GridGoalEnv
+        valid = [k for k in inspect.signature(GridGoalEnv).parameters if k != "seed"]
+    else:
+        from wmbench.tasks.atari import AtariProtocol
+        get_protocol(cfg.protocol)
+        valid = [f.name for f in dataclasses.fields(AtariProtocol) if f.name not in ("name", "source")]
+    bad = sorted(set(cfg.env_options) - set(valid))
+    if bad:
+        raise ValueError(f"unknown env option(s) {', '.join(bad)} for {cfg.game}; valid: {', '.join(valid)}")
+    from wmbench.agent.replay import DFS_MODES
+    if cfg.dfs_mode not in DFS_MODES:
+        hint = " ('paper' is now called 'literal')" if cfg.dfs_mode == "paper" else ""
+        raise ValueError(f"dfs_mode must be one of {', '.join(DFS_MODES)}, got {cfg.dfs_mode!r}{hint}")
+    if cfg.faithful not in FAITHFUL:
+        raise ValueError(f"faithful must be one of {', '.join(FAITHFUL)}, got {cfg.faithful!r}")
+    if cfg.stale_reset_frame is None:
+        cfg.stale_reset_frame = cfg.faithful == "code"
+    if not isinstance(cfg.stale_reset_frame, bool):
+        raise ValueError(f"stale_reset_frame must be true or false, got {cfg.stale_reset_frame!r}")
+    if not (cfg.checkpoint_minutes >= 0 and math.isfinite(cfg.checkpoint_minutes)):
+        raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {cfg.checkpoint_minutes}")
+    device = resolve_device(cfg.device)
+    if cfg.faithful == "code":   # the code's choices under anything given explicitly
+        from wmbench.world_model.config import code_choices
+        cfg.model_overrides = {**code_choices(bf16_native(device)), **cfg.model_overrides}
+    for k in ("steps", "eval_envs", "log_every"):
+        if int(getattr(cfg, k)) < 1:
+            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("warmup_steps", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
+              "threads"):
+        if int(getattr(cfg, k)) < 0:
+            raise ValueError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    if not (cfg.train_ratio >= 0 and math.isfinite(cfg.train_ratio)):
+        raise ValueError(f"train_ratio must be a finite number >= 0, got {cfg.train_ratio}")
+    m = model_config(cfg)  # unknown / invalid model overrides raise here
+    need = max(m.batch_length, m.imag_context)
+    if cfg.warmup_steps < need:
+        raise ValueError(f"warmup_steps must be >= {need} (the longest replay window: batch_length "
+                         f"{m.batch_length}, imag_context {m.imag_context}), got {cfg.warmup_steps}")
+    if cfg.replay_capacity < need:
+        raise ValueError(f"replay_capacity must be >= {need}, got {cfg.replay_capacity}")
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / "atari" / f"{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}")
+    return cfg
+
+
+def model_config(cfg: TrainConfig):
+    from wmbench.world_model.config import get_preset
+    return get_preset(cfg.size, backbone=cfg.backbone, **cfg.model_overrides)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
+    AMX (elsewhere bf16 autocast emulates and runs slower than fp32: 0.5-0.7x measured on an Intel Xeon)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev

@@ -1,0 +1,357 @@
+"""`wmbench atari`: train the Drama agent (world model + actor-critic in imagination) on one game.
+
+Reads top to bottom like a CleanRL script. Algorithm 1 of the paper (appendix A.5), per env step:
+
+    1. collect:   a_t ~ π(a | s_t) (random before warm-up), store (O_t, a_t, r_t, e_t) in replay
+    2. world model: sample b windows of length l (DFS), one optimiser step (eq. 6-7)
+    3. behaviour:   sample b_img contexts of length l_img (DFS), prefill l_img-1 of them, imagine h
+                    steps with the actor, one actor-critic step
+    4. every `eval_every` steps: evaluate; every `checkpoint_every` steps or `checkpoint_minutes` of
+       wall time: checkpoint
+
+Schedule (official code, drama-official-code.md s4): random actions and no updates until the buffer
+holds more than `warmup_steps` = 1032 transitions, then `train_ratio` (1.0) world-model updates and
+as many agent updates per env step; the Atari100k budget is 100k env steps (400k frames). DFS runs with
+the official code's settings by default (wmbench/agent/replay.py explains why the literal formula collapses).
+
+Acting (section 2.3): the policy sees s_t = [ẑ_t, d_{t-1}], ẑ_t sampled from the prior after
+re-running the backbone over the last `act_context` real (frame, action) pairs (WorldModel.policy_state;
+the official code's "no recurrent cache in the real env"), so acting states are imagination states.
+The current frame is not looked at; an episode's first action is random (nothing to predict from).
+`policy_latent="posterior"` acts on the current frame's posterior instead. `faithful="code"` switches
+every paper-vs-code choice to the code's (wmbench.world_model.config.PAPER_VS_CODE), including, on request of
+`stale_reset_frame`, its bug of storing the terminal frame in place of the next reset frame.
+
+Resume: the same command with the same --run-dir continues from the newest checkpoint: models,
+optimisers and schedulers, replay buffer (incl. DFS counters and its sampler RNG), python / numpy /
+torch RNG states, the acting RNG, step and update counters, the episode log, the acting context and
+the environment itself (ALE state incl. its RNG, or the grid world's state), so a resumed run takes
+exactly the steps an uninterrupted one would have taken. If an environment cannot be restored
+(unknown env class), its current episode restarts instead (the partial episode is closed in replay and
+not logged). SIGINT (Ctrl-C) and SIGTERM save a checkpoint at the next step boundary; a second one
+aborts at once.
+
+The record's headline `score` is the paper's: the mean of the last 5 training episodes. The final
+evaluation (100 full greedy games, as the code's eval.py) is a second metric, with its action counts.
+
+Outputs in the run dir: config.json, metrics.jsonl (train / episode / eval rows), tb/ (TensorBoard),
+checkpoints/, record.json (also written to --runs-dir for `wmbench report`).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from wmbench.agent.acting import env_makers, evaluate, policy_actions
+from wmbench.agent.config import TrainConfig
+from wmbench.agent.run import Run
+from wmbench.core.measure import finite_or_none, mean_or_nan
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
+          estimate: bool | None = None) -> dict:
+    """Train (or resume) the run `cfg` describes; returns a summary dict.
+
+    stop_at: stop after this env step with a checkpoint, as if killed there (tests, time-boxing).
+    estimate: print a wall-time estimate first (default: on CPU with the XS / S model).
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, progress, stop_at, estimate)
+    finally:
+        torch.set_num_threads(threads)   # cfg.threads is this run's setting, not the process's
+
+
+def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool | None) -> dict:
+    run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
+    cfg, p = run.cfg, run.progress
+    if estimate if estimate is not None else (run.device.type == "cpu" and run.mcfg.name in ("XS", "S")
+                                              and p.step < cfg.steps):
+        print_estimate(run)
+    log = RunLog(run, show_progress)
+    last_save_t = run.t_session = time.perf_counter()
+    stopped = False
+    try:
+        with StopFlag() as stop:
+            while p.step < cfg.steps:
+                collect(run, log)                          # 1. one env step, stored in replay
+                update(run, log)                           # 2-3. world model, imagination, actor-critic
+                log.step_done(run)                         # 4. train row, progress bar
+                if cfg.eval_every and p.step % cfg.eval_every == 0 and p.step < cfg.steps:
+                    evaluate_now(run, log)
+                stopped = stop.requested or (stop_at is not None and p.step >= stop_at)
+                if stopped or p.step == cfg.steps or checkpoint_due(run, last_save_t):
+                    run.save()
+                    log.last_checkpoint, last_save_t = p.step, time.perf_counter()
+                if stopped:
+                    break
+        log.bar.close()
+        if stopped:
+            print(f"stopped at env step {p.step}; checkpoint saved in {run.run_dir / 'checkpoints'}; "
+                  f"re-run the same command to resume", file=sys.stderr)
+            return summary(run, stopped=True)
+        return finish(run, log)
+    finally:
+        log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the phases of one env step
+
+def collect(run: Run, log: "RunLog") -> None:
+    """a_t (random during warm-up, then sampled from the policy), one env step, store the transition."""
+    cfg, p = run.cfg, run.progress
+    if len(run.replay) <= cfg.warmup_steps:
+        action = int(run.act_rng.integers(run.wm.n_actions))
+    else:
+        action = int(policy_actions(run.wm, run.agent, [run.ctx], greedy=False, rng=run.act_rng)[0])
+    next_obs, reward, term, trunc, info = run.env.step(action)
+    run.replay.add(run.store_obs, action, reward, info["done_for_learning"], info.get("life_lost", False),
+                   term or trunc)
+    p.step += 1
+    if term or trunc:
+        ep = {"step": p.step, "return": float(info["episode_return"]), "length": int(info["episode_step"])}
+        p.episodes.append(ep)
+        log.episode(ep)
+        run.obs, _ = run.env.reset()
+        run.ctx.reset(run.obs)
+        # the official code's bug, on request: the terminal frame stands in for the reset frame
+        run.store_obs = next_obs if cfg.stale_reset_frame else run.obs
+    else:
+        run.obs = run.store_obs = next_obs
+        run.ctx.push(action, run.obs)
+
+
+def update(run: Run, log: "RunLog") -> None:
+    """After warm-up, `train_ratio` update pairs per env step: world model on b x l windows, then
+    imagination from b_img contexts and one actor-critic step (Algorithm 1)."""
+    cfg, m, p = run.cfg, run.mcfg, run.progress
+    if len(run.replay) > cfg.warmup_steps:
+        p.credit += cfg.train_ratio
+    while p.credit >= 1.0:
+        t0 = time.perf_counter()
+        try:
+            wm_out = run.wm.train_step(run.replay.sample(m.batch_size, m.batch_length))
+            c = run.replay.sample(m.imag_batch, m.imag_context, imagination=True)
+            ac_out = run.agent.update(run.wm.imagine(c["obs"], c["action"], run.agent))
+        except FloatingPointError as e:
+            kept = (f"the last good checkpoint (env step {log.last_checkpoint}) in {run.run_dir / 'checkpoints'} "
+                    "is kept" if log.last_checkpoint is not None else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"non-finite loss at env step {p.step}, update {p.n_updates + 1}: {e}; "
+                                     f"the run stopped and {kept}") from None
+        p.update_time_s += time.perf_counter() - t0
+        p.credit -= 1.0
+        p.n_updates += 1
+        log.update({**wm_out, **ac_out, **replay_stats(run.replay)})
+
+
+def evaluate_now(run: Run, log: "RunLog") -> None:
+    cfg = run.cfg
+    res = evaluate(run.wm, run.agent, env_makers(cfg)[1], cfg.eval_episodes, cfg.eval_envs, run.mcfg,
+                   cfg.eval_greedy, seed=cfg.seed * 1_000_003 + run.progress.step)
+    ev = {"step": run.progress.step, "mean": finite_or_none(res.mean), "returns": res.returns,
+          "action_counts": res.action_counts}
+    run.progress.eval_history.append(ev)
+    log.eval(ev)
+
+
+def checkpoint_due(run: Run, last_save_t: float) -> bool:
+    cfg = run.cfg
+    return bool((cfg.checkpoint_every and run.progress.step % cfg.checkpoint_every == 0) or
+                (cfg.checkpoint_minutes and time.perf_counter() - last_save_t >= 60 * cfg.checkpoint_minutes))
+
+
+def finish(run: Run, log: "RunLog") -> dict:
+    """The final evaluation (full games, greedy) and the run record, in --runs-dir and the run dir."""
+    from wmbench.agent.record import run_record
+    from wmbench.core.records import write_record
+    cfg = run.cfg
+    final = evaluate(run.wm, run.agent, env_makers(cfg)[1], cfg.final_eval_episodes, cfg.eval_envs, run.mcfg,
+                     cfg.eval_greedy, seed=cfg.seed * 1_000_003 + 10**9)
+    log.writer.add_scalar("eval/final_return", final.mean, run.progress.step)
+    rec = run_record(run, final)
+    name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
+        rec["created_at"].replace(":", "").replace("-", "")[:15]
+    path = write_record(rec, cfg.runs_dir, name=name)
+    write_record(rec, run.run_dir, name="record", overwrite=True)   # the run dir's latest record
+    return {**summary(run, stopped=False), "record": str(path), "final_eval_return": final.mean,
+            "score": rec["metrics"]["score"]["value"], "metrics": rec["metrics"],
+            "final_eval_action_fractions": final.action_fractions()}
+
+
+def summary(run: Run, stopped: bool) -> dict:
+    p = run.progress
+    return {"run_dir": str(run.run_dir), "step": p.step, "updates": p.n_updates, "episodes": len(p.episodes),
+            "stopped": stopped}
+
+
+# ----------------------------------------------------------------------------------------------
+# logging: metrics.jsonl, TensorBoard, the progress bar
+
+class RunLog:
+    """Train rows every `log_every` env steps (means over the updates since the last row), episode and
+    evaluation rows, to metrics.jsonl and TensorBoard; the progress bar."""
+
+    def __init__(self, run: Run, show_progress: bool):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+        cfg, p = run.cfg, run.progress
+        self.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=p.step if p.step else None)
+        self.jsonl = open(run.run_dir / "metrics.jsonl", "a")
+        self.window: dict[str, list] = collections.defaultdict(list)   # train metrics since the last row
+        self.step0, self.updates0, self.t0 = p.step, p.n_updates, time.perf_counter()
+        self.last_checkpoint = run.resumed_from
+        self.show = show_progress
+        self.human_norm = None
+        if cfg.game != "gridgoal":
+            from wmbench.tasks.atari import human_normalized
+            self.human_norm = lambda score: human_normalized(cfg.game, score)  # noqa: E731
+        self.bar = tqdm(total=cfg.steps, initial=p.step, disable=not show_progress, unit="step",
+                        dynamic_ncols=True, desc=f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size}",
+                        file=sys.stderr)
+
+    def _row(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def episode(self, ep: dict) -> None:
+        self._row({"type": "episode", **ep})
+        self.writer.add_scalar("episode/return", ep["return"], ep["step"])
+        if self.human_norm is not None:
+            self.writer.add_scalar("episode/human_normalized", self.human_norm(ep["return"]), ep["step"])
+
+    def update(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.window[k].append(v)
+
+    def eval(self, ev: dict) -> None:
+        self._row({"type": "eval", **ev})
+        if ev["returns"]:
+            self.writer.add_scalar("eval/return", ev["mean"], ev["step"])
+
+    def step_done(self, run: Run) -> None:
+        cfg, p = run.cfg, run.progress
+        el = max(time.perf_counter() - self.t0, 1e-9)
+        sps, ups = (p.step - self.step0) / el, (p.n_updates - self.updates0) / el
+        if p.step % cfg.log_every == 0 or p.step == cfg.steps:
+            row = {"type": "train", "step": p.step, "updates": p.n_updates, "env_steps_per_s": sps,
+                   "updates_per_s": ups, **{k: mean_or_nan(v) for k, v in self.window.items()}}
+            self._row(row)
+            for k, v in row.items():
+                if k not in ("type", "step"):
+                    group = ("perf/" if k.endswith("_per_s") or k == "updates" else
+                             "replay/" if k.startswith("replay_") else "train/")
+                    self.writer.add_scalar(group + k, v, p.step)
+            self.window.clear()
+        if self.show and (p.step % 10 == 0 or p.step == cfg.steps):
+            last = p.episodes[-1]["return"] if p.episodes else float("nan")
+            last5 = mean_or_nan([e["return"] for e in p.episodes[-5:]])
+            self.bar.set_postfix_str(f"sps={sps:.1f} ups={ups:.2f} ret={last:.1f} ret5={last5:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.jsonl.close()
+        self.writer.close()
+
+
+def replay_stats(replay) -> dict[str, float]:
+    """The samplers' health for the logs: effective sample size 1 / sum(p^2) of the last draw of each
+    sampler and its number of window starts, the largest use counters (v: world model, b: imagination)
+    and whether a batch had to be drawn with replacement."""
+    out = {}
+    for kind, st in replay.last_stats.items():
+        out[f"replay_{kind}_ess"] = st["ess"]
+        out[f"replay_{kind}_starts"] = st["starts"]
+        out[f"replay_{kind}_max_count"] = st["max_count"]
+        out[f"replay_{kind}_with_replacement"] = st["with_replacement"]
+    return out
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# stopping, and the CPU estimate
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient norm went NaN/inf: the run stops, the last checkpoint is kept."""
+
+
+class StopFlag:
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler's pre-emption): finish the current step, checkpoint,
+    exit. A second signal aborts at once (the last checkpoint stays as it was)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+              "(send it again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def print_estimate(run: Run) -> None:
+    """Seconds per update on this device, times the updates left (the big models on CPU)."""
+    cfg = run.cfg
+    t_upd = _time_updates(run.mcfg, tuple(run.env.observation_space.shape), run.wm.n_actions, run.device)
+    n_left = max(cfg.steps - max(run.progress.step, cfg.warmup_steps), 0) * cfg.train_ratio
+    print(f"estimate: {t_upd:.2f} s per world-model + agent update on {run.device}; "
+          f"{n_left:.0f} updates left -> about {_fmt_duration(t_upd * n_left)} of training "
+          f"(plus acting and evaluation)", file=sys.stderr)
+
+
+def _time_updates(mcfg, obs_shape, n_actions, device, n: int = 2) -> float:
+    """Seconds per (world-model + imagination + agent) update, timed on throw-away models."""
+    from wmbench.agent import ActorCritic
+    from wmbench.world_model import WorldModel
+    B, L = mcfg.batch_size, mcfg.batch_length
+    rng = np.random.default_rng(0)
+    batch = {"obs": rng.integers(0, 256, (B, L) + obs_shape, dtype=np.uint8),
+             "action": rng.integers(0, n_actions, (B, L)), "reward": np.zeros((B, L), np.float32),
+             "termination": np.zeros((B, L), bool)}
+    ctx_o = rng.integers(0, 256, (mcfg.imag_batch, mcfg.imag_context) + obs_shape, dtype=np.uint8)
+    ctx_a = rng.integers(0, n_actions, (mcfg.imag_batch, mcfg.imag_context))
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        wm_c, ag_c = WorldModel(mcfg, n_actions).to(device), ActorCritic(mcfg, n_actions).to(device)
+        for _ in range(n + 1):
+            t0 = time.perf_counter()
+            wm_c.train_step(batch)
+            ag_c.update(wm_c.imagine(ctx_o, ctx_a, ag_c))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))  # the first call pays one-off costs
+
+
+def _fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    h, rem = divmod(int(s), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"

@@ -1,0 +1,1 @@
+"""Reporting: run records to tables and plots (`wmbench report`); reads nothing but records."""
