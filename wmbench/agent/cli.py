@@ -27,14 +27,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--game", required=True, help="one of the 26 Atari100k games (case-insensitive) or gridgoal")
     p.add_argument("--backbone", help="sequence model (default mamba2)")
     p.add_argument("--sampler", help="replay sampler: dfs (default) or uniform")
-    p.add_argument("--size", help="model size preset: XS (default), S, tiny, cpu")
+    p.add_argument("--size", help="model size preset: auto (default: XS on CUDA, cpu on a CPU), XS, S, tiny, cpu")
     p.add_argument("--preset", help="run preset (size + schedule): " + ", ".join(RUN_PRESETS))
     p.add_argument("--steps", type=int, help="env steps (default 100000)")
     p.add_argument("--seed", type=int)
     p.add_argument("--run-dir", help="checkpoints, metrics and TensorBoard logs (resume: same dir)")
     p.add_argument("--protocol", help="Atari protocol: drama (default), dreamerv3, storm, iris")
-    p.add_argument("--device", help="cpu (default), cuda, auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 or all cores, whichever measures faster)")
     p.add_argument("--train-ratio", type=float, help="updates per env step after warm-up (default 1)")
     p.add_argument("--warmup", dest="warmup_steps", type=int, help="random-action steps before training (1032)")
     p.add_argument("--replay-capacity", type=int)
@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="protocol field or gridgoal option (e.g. episode_length=50), repeatable")
     p.add_argument("--runs-dir", help="where the run record goes (default results/runs)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-estimate", action="store_true", help="skip the CPU wall-time estimate")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the wall-time estimate (on CPU it also picks the thread count; without it and "
+                        "without --threads, torch's default count is used)")
     p.set_defaults(func=main_atari)
     return p
 
@@ -84,7 +86,7 @@ def main_atari(a: argparse.Namespace) -> int:
     from wmbench.agent.train import NonFiniteLossError, train
     cfg = config_from_args(a)
     try:
-        summary = train(cfg, progress=not a.no_progress, estimate=False if a.no_estimate else None)
+        summary = train(cfg, progress=not a.no_progress, estimate=not a.no_estimate)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -64,9 +64,10 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     t_session: float = field(default_factory=time.perf_counter)   # when this session started
     resumed_from: int | None = None   # the checkpoint step this session started from
+    estimate: float | None = None     # measured seconds per update before the loop (agent/estimate.py)
 
     SAVED = ("progress", "wm", "agent", "replay", "env", "ctx", "obs", "store_obs", "act_rng")
-    DERIVED = ("cfg", "mcfg", "device", "run_dir", "t_session", "resumed_from")   # from the config / now
+    DERIVED = ("cfg", "mcfg", "device", "run_dir", "t_session", "resumed_from", "estimate")  # config / now
 
     # --- building
     @classmethod

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import signal
 import sys
 import time
@@ -50,7 +49,8 @@ import numpy as np
 import torch
 
 from wmbench.agent.acting import env_makers, evaluate, policy_actions
-from wmbench.agent.config import TrainConfig
+from wmbench.agent.config import TrainConfig, check_config
+from wmbench.agent.estimate import UpdateEstimate, estimate_update, fmt_duration, updates_left
 from wmbench.agent.run import Run
 from wmbench.core.measure import finite_or_none, mean_or_nan
 
@@ -59,11 +59,12 @@ from wmbench.core.measure import finite_or_none, mean_or_nan
 
 
 def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
-          estimate: bool | None = None) -> dict:
+          estimate: bool = False) -> dict:
     """Train (or resume) the run `cfg` describes; returns a summary dict.
 
     stop_at: stop after this env step with a checkpoint, as if killed there (tests, time-boxing).
-    estimate: print a wall-time estimate first (default: on CPU with the XS / S model).
+    estimate: measure and print a wall-time estimate first; on CPU without cfg.threads, the same
+    measurement chooses the thread count (else torch's default is used).
     """
     threads = torch.get_num_threads()
     try:
@@ -72,12 +73,16 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
         torch.set_num_threads(threads)   # cfg.threads is this run's setting, not the process's
 
 
-def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool | None) -> dict:
+def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool) -> dict:
+    cfg = check_config(cfg)
+    print(banner(cfg), file=sys.stderr, flush=True)
     run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
     cfg, p = run.cfg, run.progress
-    if estimate if estimate is not None else (run.device.type == "cpu" and run.mcfg.name in ("XS", "S")
-                                              and p.step < cfg.steps):
-        print_estimate(run)
+    measure_threads = run.device.type == "cpu" and not cfg.threads
+    if estimate and p.step < cfg.steps:
+        run.estimate = plan(run, measure_threads).s_per_update
+    elif measure_threads:
+        cfg.auto_choices["threads"] = f"{torch.get_num_threads()}, torch's default (not measured: no estimate)"
     log = RunLog(run, show_progress)
     last_save_t = run.t_session = time.perf_counter()
     stopped = False
@@ -210,6 +215,7 @@ class RunLog:
         self.jsonl = open(run.run_dir / "metrics.jsonl", "a")
         self.window: dict[str, list] = collections.defaultdict(list)   # train metrics since the last row
         self.step0, self.updates0, self.t0 = p.step, p.n_updates, time.perf_counter()
+        self.update_time0 = p.update_time_s
         self.last_checkpoint = run.resumed_from
         self.show = show_progress
         self.human_norm = None
@@ -217,7 +223,7 @@ class RunLog:
             from wmbench.tasks.atari import human_normalized
             self.human_norm = lambda score: human_normalized(cfg.game, score)  # noqa: E731
         self.bar = tqdm(total=cfg.steps, initial=p.step, disable=not show_progress, unit="step",
-                        dynamic_ncols=True, desc=f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size}",
+                        dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]", desc=f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size}",
                         file=sys.stderr)
 
     def _row(self, row: dict) -> None:
@@ -256,8 +262,19 @@ class RunLog:
         if self.show and (p.step % 10 == 0 or p.step == cfg.steps):
             last = p.episodes[-1]["return"] if p.episodes else float("nan")
             last5 = mean_or_nan([e["return"] for e in p.episodes[-5:]])
-            self.bar.set_postfix_str(f"sps={sps:.1f} ups={ups:.2f} ret={last:.1f} ret5={last5:.1f}", refresh=False)
+            self.bar.set_postfix_str(f"sps={sps:.1f} ups={ups:.2f} ret={last:.1f} ret5={last5:.1f} "
+                                     f"eta={fmt_duration(self.eta(run))}", refresh=False)
         self.bar.update(1)
+
+    def eta(self, run: Run) -> float:
+        """Seconds left: updates left at this session's measured s/update (the estimate until 3 updates
+        are done), plus env steps left at this session's acting pace (wall time outside updates)."""
+        cfg, p = run.cfg, run.progress
+        done = p.n_updates - self.updates0
+        s_upd = ((p.update_time_s - self.update_time0) / done if done >= 3 else run.estimate) or 0.0
+        steps = max(p.step - self.step0, 1)
+        s_act = max(time.perf_counter() - self.t0 - (p.update_time_s - self.update_time0), 0.0) / steps
+        return updates_left(cfg, p.step) * s_upd + (cfg.steps - p.step) * s_act
 
     def close(self) -> None:
         self.bar.close()
@@ -281,7 +298,7 @@ def replay_stats(replay) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# stopping, and the CPU estimate
+# stopping, and what is about to run
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm went NaN/inf: the run stops, the last checkpoint is kept."""
@@ -315,43 +332,32 @@ class StopFlag:
             signal.signal(s, old)
 
 
-def print_estimate(run: Run) -> None:
-    """Seconds per update on this device, times the updates left (the big models on CPU)."""
+def banner(cfg: TrainConfig) -> str:
+    """What is about to run, and what each automatic choice became and why (before any slow step)."""
+    sampler = f"dfs ({cfg.dfs_mode})" if cfg.sampler == "dfs" else cfg.sampler
+    lines = [f"wmbench atari: {cfg.game}, {cfg.backbone}, {sampler}, size {cfg.size}, {cfg.steps:,} env steps, "
+             f"seed {cfg.seed}, device {cfg.device}, faithful to the {cfg.faithful}"]
+    for k in ("size", "device"):
+        if k in cfg.auto_choices:
+            lines.append(f"  {k} auto -> {getattr(cfg, k)}: {cfg.auto_choices[k]}")
+    lines.append(f"  run dir {cfg.run_dir} (re-run the same command to resume); record to {cfg.runs_dir}/")
+    return "\n".join(lines)
+
+
+def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
+    """Measure seconds per update (and, on CPU without --threads, the thread count to use); print it."""
     cfg = run.cfg
-    t_upd = _time_updates(run.mcfg, tuple(run.env.observation_space.shape), run.wm.n_actions, run.device)
-    n_left = max(cfg.steps - max(run.progress.step, cfg.warmup_steps), 0) * cfg.train_ratio
-    print(f"estimate: {t_upd:.2f} s per world-model + agent update on {run.device}; "
-          f"{n_left:.0f} updates left -> about {_fmt_duration(t_upd * n_left)} of training "
-          f"(plus acting and evaluation)", file=sys.stderr)
-
-
-def _time_updates(mcfg, obs_shape, n_actions, device, n: int = 2) -> float:
-    """Seconds per (world-model + imagination + agent) update, timed on throw-away models."""
-    from wmbench.agent import ActorCritic
-    from wmbench.world_model import WorldModel
-    B, L = mcfg.batch_size, mcfg.batch_length
-    rng = np.random.default_rng(0)
-    batch = {"obs": rng.integers(0, 256, (B, L) + obs_shape, dtype=np.uint8),
-             "action": rng.integers(0, n_actions, (B, L)), "reward": np.zeros((B, L), np.float32),
-             "termination": np.zeros((B, L), bool)}
-    ctx_o = rng.integers(0, 256, (mcfg.imag_batch, mcfg.imag_context) + obs_shape, dtype=np.uint8)
-    ctx_a = rng.integers(0, n_actions, (mcfg.imag_batch, mcfg.imag_context))
-    times = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        wm_c, ag_c = WorldModel(mcfg, n_actions).to(device), ActorCritic(mcfg, n_actions).to(device)
-        for _ in range(n + 1):
-            t0 = time.perf_counter()
-            wm_c.train_step(batch)
-            ag_c.update(wm_c.imagine(ctx_o, ctx_a, ag_c))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))  # the first call pays one-off costs
-
-
-def _fmt_duration(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    h, rem = divmod(int(s), 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+    print("  measuring one update at 1/16 and 1/8 of the batch" + (" with 1 and all threads" if measure_threads
+          else "") + " ...", file=sys.stderr, flush=True)
+    est = estimate_update(run.mcfg, tuple(run.env.observation_space.shape), run.wm.n_actions, run.device,
+                          threads=None if measure_threads else torch.get_num_threads())
+    if measure_threads:
+        torch.set_num_threads(est.threads)
+        timings = ", ".join(f"{n}: {t:.3f} s" for n, t in est.by_threads.items())
+        cfg.auto_choices["threads"] = f"{est.threads}, the fastest reduced update ({timings})"
+        print(f"  threads -> {est.threads} (reduced update: {timings})", file=sys.stderr)
+    n_left = updates_left(cfg, run.progress.step)
+    print(f"  estimate: {est.s_per_update:.2f} s per update x {n_left:,.0f} updates left = about "
+          f"{fmt_duration(est.s_per_update * n_left)} of training, plus acting and evaluation "
+          f"(measured in {est.measure_s:.1f} s; the progress bar's eta follows the real pace)", file=sys.stderr)
+    return est
