@@ -118,8 +118,17 @@ class ResidualBackbone(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _check_input(self, x: torch.Tensor) -> bool:
+        """x must be (B, L, d_model); returns False for an empty sequence (L = 0: nothing to compute)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: expected input (batch, length, {self.d_model}), got {shape}")
+        return x.shape[1] > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D) -> y (B, L, D), parallel over the sequence from an empty state."""
+        """x (B, L, D) -> y (B, L, D), parallel over the sequence from an empty state (L = 0: empty y)."""
+        if not self._check_input(x):
+            return x.clone()
         for blk in self.blocks:
             x = blk(x)
         return self.norm_f(x)
@@ -132,6 +141,8 @@ class ResidualBackbone(nn.Module):
 
     def prefill(self, x: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """Parallel pass over x (B, L, D) continuing from `state`; returns (y, state after x)."""
+        if not self._check_input(x):
+            return x.clone(), state
         new_state = []
         for blk, s in zip(self.blocks, state):
             x, s = blk.prefill(x, s)

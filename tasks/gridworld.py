@@ -59,21 +59,22 @@ def frame_len(grid_size: int = DEFAULT_GRID_SIZE) -> int:
     return check_grid_size(grid_size) ** 2 + 1
 
 
-def check_length(n_tokens: int, grid_size: int = DEFAULT_GRID_SIZE) -> int:
-    """Validate a sequence length in tokens (`--len`); returns the number of frames n = L / l_f."""
+def check_length(n_tokens: int, grid_size: int = DEFAULT_GRID_SIZE, min_frames: int = 1) -> int:
+    """Validate a sequence length in tokens (`--len`): a multiple of the frame length l_f holding at least
+    `min_frames` frames; returns the number of frames n = L / l_f. The error names the nearest valid ones."""
     l_f = frame_len(grid_size)
     if not isinstance(n_tokens, (int, np.integer)) or isinstance(n_tokens, bool):
         raise ValueError(f"--len must be an integer number of tokens, got {n_tokens!r}")
-    n_tokens = int(n_tokens)
-    if n_tokens >= l_f and n_tokens % l_f == 0:
+    n_tokens, shortest = int(n_tokens), min_frames * l_f
+    if n_tokens >= shortest and n_tokens % l_f == 0:
         return n_tokens // l_f
+    if n_tokens < shortest:
+        what = "one frame" if min_frames == 1 else f"{min_frames} frames"
+        raise ValueError(f"--len {n_tokens} is shorter than {what} ({shortest} tokens); the shortest valid "
+                         f"length is {shortest}, then {shortest + l_f}, ... (multiples of {l_f})")
     lo = (n_tokens // l_f) * l_f
-    nearest = [v for v in (lo, lo + l_f) if v >= l_f]
-    if n_tokens < l_f:
-        raise ValueError(f"--len {n_tokens} is shorter than one frame ({l_f} tokens); "
-                         f"nearest valid lengths: {', '.join(map(str, nearest))}")
     raise ValueError(f"--len {n_tokens} is not a multiple of the frame length {l_f}; "
-                     f"nearest valid lengths: {', '.join(map(str, nearest))}")
+                     f"nearest valid lengths: {max(lo, shortest)}, {lo + l_f}")
 
 
 # ---- sampling --------------------------------------------------------------------------------------
@@ -283,8 +284,8 @@ class GridWorldTask:
         self.n_cells = self.grid_size ** 2          # tokens generated per frame
         self.frame_len = self.n_cells + 1           # l_f
 
-    def check_length(self, n_tokens: int) -> int:
-        return check_length(n_tokens, self.grid_size)
+    def check_length(self, n_tokens: int, min_frames: int = 1) -> int:
+        return check_length(n_tokens, self.grid_size, min_frames)
 
     def sample(self, batch_size: int, n_frames: int, seed: int = 0, return_info: bool = False):
         return sample_sequences(batch_size, n_frames, self.grid_size, seed, return_info=return_info)

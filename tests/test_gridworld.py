@@ -135,7 +135,7 @@ def test_check_length_messages():
     with pytest.raises(ValueError, match=r"^--len 1000 is not a multiple of the frame length 26; "
                                          r"nearest valid lengths: 988, 1014$"):
         gw.check_length(1000)
-    with pytest.raises(ValueError, match="nearest valid lengths: 26$"):
+    with pytest.raises(ValueError, match="shortest valid length is 26, then 52"):
         gw.check_length(5)
     with pytest.raises(ValueError, match="frame length 17"):
         gw.check_length(20, grid_size=4)

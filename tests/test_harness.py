@@ -179,7 +179,7 @@ def test_presets_and_overrides():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(seq_len=1000), "--len 1000 is not a multiple of the frame length 26; nearest valid lengths: 988, 1014"),
-    (dict(seq_len=26), "at least 2 frames"),
+    (dict(seq_len=26), "shorter than 2 frames"),
     (dict(backbone="lstm"), "unknown backbone 'lstm'; valid choices:"),
     (dict(task="chess"), "unknown task 'chess'; valid choices:"),
     (dict(steps=0), "steps must be a positive integer"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from wmbench.core import allocator
 
@@ -21,35 +22,51 @@ def _csv(kind):
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="fwd+bwd time, memory, FLOPs and step latency per backbone and length")
-    p.add_argument("--backbones", type=_csv(str), default=["mamba", "mamba2", "gru", "transformer"])
-    p.add_argument("--len", dest="lengths", type=_csv(int), default=[208, 1664])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p = sub.add_parser("bench", help="fwd+bwd time, memory, FLOPs and step latency per backbone and length",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbones", type=_csv(str), default=["mamba", "mamba2", "gru", "transformer"],
+                   help="comma-separated backbone names")
+    p.add_argument("--len", dest="lengths", type=_csv(int), default=[208, 1664], help="sequence lengths")
+    p.add_argument("--batch", type=int, default=16, help="sequences per fwd+bwd")
+    p.add_argument("--d-model", type=int, default=512, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="backbone layers")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 parameters")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per cell (0: torch's default)")
+    p.add_argument("--iters", type=int, default=3, help="timed fwd+bwd calls per cell")
+    p.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd calls first")
     p.add_argument("--contexts", type=_csv(int), default=[8, 208, 1664], help="step-latency contexts")
-    p.add_argument("--runs-dir", default="results/runs")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--runs-dir", default="results/runs", help="where the record goes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--check", action="store_true", help="validate the options and folders, print the config, stop")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(a) -> int:
-    from wmbench.harness.bench import BenchConfig, run_bench
+    import json
+    from dataclasses import asdict
+
+    from wmbench.core.device import resolve_device
+    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
+    from wmbench.core.records import RecordNotSaved
+    from wmbench.harness.bench import BenchConfig, check_bench_config, run_bench
     from wmbench.report.bench import format_table
-    for name, v in (("--batch", a.batch), ("--d-model", a.d_model), ("--layers", a.layers), ("--iters", a.iters)):
-        if v <= 0:
-            raise ValueError(f"{name} must be positive, got {v}")
-    if any(n <= 0 for n in a.lengths + a.contexts):
-        raise ValueError("--len and --contexts must be positive integers")
     cfg = BenchConfig(backbones=a.backbones, lengths=a.lengths, batch_size=a.batch, d_model=a.d_model,
-                      n_layers=a.layers, dtype=a.dtype, device=a.device, iters=a.iters, warmup=a.warmup,
-                      step_contexts=a.contexts)
+                      n_layers=a.layers, dtype=a.dtype, device=str(resolve_device(a.device)), iters=a.iters,
+                      warmup=a.warmup, step_contexts=a.contexts, threads=a.threads)
+    check_bench_config(cfg)
     _check_sizes(cfg.backbones, cfg.d_model, cfg.n_layers)
-    record, path = run_bench(cfg, runs_dir=a.runs_dir, progress=not a.no_progress)
+    if a.check:
+        probe_dir(a.runs_dir, "--runs-dir")
+        print(json.dumps(asdict(cfg), indent=1))
+        return 0
+    runs_dir = writable_dir(a.runs_dir, "--runs-dir")
+    remove_orphans(runs_dir)
+    try:
+        record, path = run_bench(cfg, runs_dir=runs_dir, progress=not a.no_progress)
+    except RecordNotSaved as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_table(record))
     print(f"record: {path}")
     return 0
@@ -105,25 +122,29 @@ def _presets() -> list[str]:
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="one benchmark cell: train a backbone on a task, measure it, write run records")
-    p.add_argument("--backbone", default="mamba2")
-    p.add_argument("--task", default="gridworld")
+    p = sub.add_parser("run", help="one benchmark cell: train a backbone on a task, measure it, write run records",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", default="mamba2", help="sequence model (wmbench list)")
+    p.add_argument("--task", default="gridworld", help="workload (wmbench list)")
     p.add_argument("--len", dest="seq_len", type=int, default=1664, help="sequence length in tokens")
-    p.add_argument("--seeds", type=_csv(int), default=[0])
+    p.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated seeds, each run once")
     p.add_argument("--preset", default="cpu", help="configuration preset (see `wmbench list`)")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     p.add_argument("--batch", dest="batch_size", type=int, help="sequences per step (default: automatic)")
-    p.add_argument("--d-model", dest="d_model", type=int)
-    p.add_argument("--layers", dest="n_layers", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--eval-sequences", dest="eval_sequences", type=int)
+    p.add_argument("--d-model", dest="d_model", type=int, help="model width (default: the preset's)")
+    p.add_argument("--layers", dest="n_layers", type=int, help="backbone layers (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, per backbone)")
+    p.add_argument("--eval-sequences", dest="eval_sequences", type=int,
+                   help="held-out sequences scored (default: the preset's)")
     p.add_argument("--tokens-per-step", dest="tokens_per_step", type=int,
                    help="token budget of the automatic batch (batch = tokens_per_step // len)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--runs-dir", default="results/runs")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast (default: the preset's, fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the preset's)")
+    p.add_argument("--runs-dir", default="results/runs", help="where the run records go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="run a seed again even if its record exists")
+    p.add_argument("--check", action="store_true", help="validate the options and folders, print the configs, stop")
     p.set_defaults(func=_cmd_run)
 
 
@@ -133,13 +154,21 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _cmd_run(a) -> int:
-    from wmbench.harness.gridworld import check_config, make_config, summary_lines, train_and_evaluate
-    from wmbench.core.records import make_record, write_record
+    import json
+
+    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
+    from wmbench.core.records import RecordNotSaved, make_record, save_record
+    from wmbench.harness.gridworld import (check_config, check_memory, make_config, summary_lines,
+                                           train_and_evaluate)
 
     if a.task != "gridworld":
         import wmbench
         wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
         raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld")
+    _check_seeds(a.seeds)
+    if a.device is not None:
+        from wmbench.core.device import resolve_device
+        a.device = str(resolve_device(a.device))     # auto -> cpu / cuda
     overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
                                             "eval_sequences", "dtype", "device", "threads", "tokens_per_step")}
     cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s, **overrides)
@@ -147,7 +176,20 @@ def _cmd_run(a) -> int:
     for cfg in cfgs:                       # every seed's config is valid before any work starts
         check_config(cfg)
         _check_sizes([cfg.backbone], cfg.d_model, cfg.n_layers, **cfg.backbone_options)
+        check_memory(cfg)
+    if a.check:
+        probe_dir(a.runs_dir, "--runs-dir")
+        print(json.dumps([c.to_dict() for c in cfgs], indent=1))
+        return 0
+    runs_dir = writable_dir(a.runs_dir, "--runs-dir")
+    remove_orphans(runs_dir)
+    failed = False
     for cfg in cfgs:
+        done = None if a.force else _existing_record(runs_dir, "gridworld", cfg.to_dict())
+        if done is not None:
+            print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: already done (--force runs it again)")
+            print(f"record: {done}")
+            continue
         status = "ok"
         try:
             metrics = train_and_evaluate(cfg, progress=not a.no_progress)
@@ -156,26 +198,62 @@ def _cmd_run(a) -> int:
                 raise
             status, metrics = "OOM", {}
         rec = make_record("gridworld", cfg.to_dict(), metrics, extra={"status": status}, device=cfg.device)
-        path = write_record(rec, a.runs_dir, name=f"gridworld-{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-"
-                            + rec["created_at"].replace(":", "").replace("-", "")[:15])
+        if "threads" in metrics:           # the count that ran (the process's is restored afterwards)
+            rec["environment"]["torch_threads"] = metrics["threads"]["value"]
         if status == "ok":
             print("\n".join(summary_lines(cfg, metrics)))
         else:
             print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: out of memory")
-        print(f"record: {path}")
-    return 0
+        name = f"gridworld-{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-" + \
+            rec["created_at"].replace(":", "").replace("-", "")[:15]
+        try:
+            print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")
+        except RecordNotSaved as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def _check_seeds(seeds: list[int]) -> None:
+    if not seeds:
+        raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ValueError(f"--seeds repeats {', '.join(map(str, dup))}; each seed runs once")
+    if min(seeds) < 0:
+        raise ValueError(f"--seeds must be >= 0, got {min(seeds)}")
+
+
+def _existing_record(runs_dir, kind: str, config: dict) -> str | None:
+    """The newest record of `kind` in runs_dir made with exactly `config`, or None."""
+    import json
+    import warnings
+
+    from wmbench.core.records import load_records
+    want = json.loads(json.dumps(config, default=str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # foreign files are the report's business
+        recs = [r for r in load_records(runs_dir, kind=kind) if r.get("config") == want]
+    return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
 
 
 def _add_report(sub):
-    p = sub.add_parser("report", help="tables and plots from all run records")
-    p.add_argument("--runs-dir", default="results/runs")
+    p = sub.add_parser("report", help="tables and plots from all run records",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs-dir", default="results/runs", help="the folder of run records")
     p.add_argument("--out", default="results", help="writes OUT/tables and OUT/plots")
+    p.add_argument("--machine", help="only records whose CPU/GPU name contains this (rows never mix machines)")
+    p.add_argument("--strict", action="store_true",
+                   help="an unusable record is an error (exit 2) instead of a warning line")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(a) -> int:
     from wmbench.report.tables import build_report
-    for path in build_report(a.runs_dir, a.out):
+    written, messages = build_report(a.runs_dir, a.out, machine=a.machine, strict=a.strict)
+    for line in messages:
+        print(line, file=sys.stderr)
+    for path in written:
         print(path)
     return 0
 
@@ -188,8 +266,24 @@ def _add_atari(sub):  # the Drama agent: wmbench/agent/
 COMMANDS = [_add_run, _add_atari, _add_bench, _add_report, _add_list]
 
 
+def one_line(message: str) -> str:
+    """The first line of a message, with any other control character (a user's input echoed back)
+    escaped, so an error is always exactly one line."""
+    first = message.strip().split("\n")[0]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in first)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes in the tool's format: one `error:` line naming the help to read, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="wmbench", description=__doc__.splitlines()[0])
+    from wmbench.core.version import __version__
+    ap = _Parser(prog="wmbench", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"wmbench {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -201,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         allocator.configure()
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # UserError is a ValueError
+    except (ValueError, OSError) as e:  # UserError is a ValueError; OSError: a folder or disk gone bad
         if os.environ.get("WMBENCH_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(str(e)) if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ batched policy actions and evaluation over full games."""
 from __future__ import annotations
 
 import collections
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,12 +142,14 @@ class EvalResult:
         return [c / n for c in self.action_counts] if n else []
 
 
-def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, seed: int) -> EvalResult:
+def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, seed: int,
+             progress: str | None = None) -> EvalResult:
     """`n_episodes` full games (life loss ends nothing, and does not cut an action repeat short: the
     official code's evaluation env), run `n_envs` at a time (no bias to short episodes).
 
     Runs under its own torch RNG (fork_rng + manual_seed) and with the actor-input statistics frozen, so
     evaluating never changes what training does afterwards and the same model + seed gives the same scores.
+    progress: a label for a progress bar of finished games and env steps (None: no bar).
     """
     if n_episodes <= 0:
         return EvalResult([], [], [0] * wm.n_actions)
@@ -162,6 +165,7 @@ def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, 
             obs, _ = e.reset()
             c.reset(obs)
         started, live = n_envs, [True] * n_envs
+        bar = _eval_bar(progress, n_episodes)
         while any(live):
             ids = [i for i, ok in enumerate(live) if ok]
             acts = policy_actions(wm, agent, [ctxs[i] for i in ids], greedy, rng)
@@ -171,6 +175,8 @@ def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, 
                 if term or trunc:
                     res.returns.append(float(info["episode_return"]))
                     res.lengths.append(int(info["episode_step"]))
+                    bar.update(1)
+                    bar.set_postfix_str(f"last={res.returns[-1]:.1f}", refresh=False)
                     if started < n_episodes:
                         obs, _ = envs[i].reset()
                         ctxs[i].reset(obs)
@@ -179,7 +185,14 @@ def evaluate(wm, agent, make, n_episodes: int, n_envs: int, mcfg, greedy: bool, 
                         live[i] = False
                 else:
                     ctxs[i].push(int(a), obs)
+        bar.close()
         for e in envs:
             e.close()
     return res
+
+
+def _eval_bar(label: str | None, n_episodes: int):
+    from tqdm import tqdm
+    return tqdm(total=n_episodes, desc=label or "", unit="game", disable=label is None, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from wmbench.core.errors import UserError
+from wmbench.core.paths import remove_orphans, tmp_prefix
 from wmbench.core.records import atomic_write_text
 
 CKPT_DIR = "checkpoints"
@@ -97,7 +99,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, arrays: 
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(step):09d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=tmp_prefix(final), suffix=".tmp"))
+    os.chmod(tmp, 0o755)   # mkdtemp makes 0700; the files inside are 0644 like every record
     try:
         _fsync_write(tmp / "state.pt", lambda f: torch.save(state, f))
         for k, a in arrays.items():
@@ -136,10 +139,27 @@ def _read_latest(root: Path) -> str | None:
         return None
 
 
+def peek_meta(run_dir: str | os.PathLike) -> dict | None:
+    """The newest checkpoint's meta.json (config, step) without reading or verifying its arrays."""
+    root = ckpt_root(run_dir)
+    name = _read_latest(root)
+    if name is None or not re.fullmatch(r"step_\d{9}", name):
+        return None
+    try:
+        return json.loads((root / name / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {root / name} is corrupt: unreadable meta.json ({e})") from None
+
+
 def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:
     """The newest checkpoint of `run_dir`, or None if it has none. CheckpointError if it is unusable."""
     root = ckpt_root(run_dir)
+    remove_orphans(root)          # checkpoint writes cut by kill -9
+    remove_orphans(Path(run_dir))
     name = _read_latest(root)
+    if name is not None and not re.fullmatch(r"step_\d{9}", name):
+        raise CheckpointError(f"checkpoint pointer {root / LATEST} names {name!r}, not a step folder of this "
+                              f"run dir (step_NNNNNNNNN); refusing to load it")
     if name is None:
         if (root / LATEST).exists():
             raise CheckpointError(f"checkpoint pointer {root / LATEST} is empty (corrupt run dir)")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from wmbench.core.device import resolve_device  # noqa: F401  (re-exported for the agent)
+
 
 @dataclass
 class TrainConfig:
@@ -155,6 +157,12 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                          f"{m.batch_length}, imag_context {m.imag_context}), got {cfg.warmup_steps}")
     if cfg.replay_capacity < need:
         raise ValueError(f"replay_capacity must be >= {need}, got {cfg.replay_capacity}")
+    import psutil
+    frame = m.image_size * m.image_size * m.image_channels          # uint8 frames, pages touched as it fills
+    total = psutil.virtual_memory().total
+    if cfg.replay_capacity * frame > total:
+        raise ValueError(f"replay_capacity {cfg.replay_capacity:,} needs {cfg.replay_capacity * frame / 2**30:.0f} GiB "
+                         f"of frames, more than this machine's {total / 2**30:.0f} GiB of RAM")
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / "atari" / f"{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}")
     return cfg
@@ -171,6 +179,9 @@ def resolve_size(device: torch.device) -> tuple[str, str]:
 
 def model_config(cfg: TrainConfig):
     from wmbench.world_model.config import get_preset
+    for k, flag in (("backbone", "--backbone"), ("name", "--size")):
+        if k in cfg.model_overrides:
+            raise ValueError(f"--set {k}=... is not a model option; use {flag}")
     return get_preset(cfg.size, backbone=cfg.backbone, **cfg.model_overrides)
 
 
@@ -186,15 +197,3 @@ def bf16_native(device: torch.device) -> bool:
             return False
         return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
     return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return dev

@@ -33,6 +33,7 @@ from wmbench.agent import checkpoint as ckpt
 from wmbench.agent.acting import ActingContext, env_makers, env_state, set_env_state
 from wmbench.agent.config import RESUMABLE_CHANGES, TrainConfig, check_config, model_config, resolve_device
 from wmbench.core.errors import UserError
+from wmbench.core.paths import writable_dir
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Run:
 
         cfg = check_config(cfg)
         mcfg, device, run_dir = model_config(cfg), resolve_device(cfg.device), Path(cfg.run_dir)
+        writable_dir(cfg.runs_dir, "--runs-dir")
+        writable_dir(run_dir, "--run-dir")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         _refuse_other_config(cfg, run_dir)
@@ -135,6 +138,9 @@ class Run:
             raise ckpt.CheckpointError(f"checkpoint {state.path} does not fit this run "
                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         step = self.progress.step
+        if step > self.cfg.steps:
+            raise UserError(f"{self.run_dir} is already at env step {step}, beyond --steps {self.cfg.steps}; "
+                            f"use --steps {step} or more to continue it, or another --run-dir")
         restored = False
         if m.get("env") is not None and step < self.cfg.steps:
             try:

@@ -59,25 +59,31 @@ from wmbench.core.measure import finite_or_none, mean_or_nan
 
 
 def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
-          estimate: bool = False) -> dict:
+          estimate: bool = False, force: bool = False) -> dict:
     """Train (or resume) the run `cfg` describes; returns a summary dict.
 
     stop_at: stop after this env step with a checkpoint, as if killed there (tests, time-boxing).
+    force: a finished run (its record exists) evaluates and records again; without it, it returns at once.
     estimate: measure and print a wall-time estimate first; on CPU without cfg.threads, the same
     measurement chooses the thread count (else torch's default is used).
     """
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, progress, stop_at, estimate)
+        return _train(cfg, progress, stop_at, estimate, force)
     finally:
         torch.set_num_threads(threads)   # cfg.threads is this run's setting, not the process's
 
 
-def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool) -> dict:
+def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool, force: bool) -> dict:
     cfg = check_config(cfg)
     print(banner(cfg), file=sys.stderr, flush=True)
     run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
     cfg, p = run.cfg, run.progress
+    done = run.run_dir / "record.json"
+    if p.step >= cfg.steps and done.exists() and not force:
+        print(f"already finished: {run.run_dir} is at env step {p.step} and has its record {done}; "
+              "--force evaluates and records it again", file=sys.stderr)
+        return {**summary(run, stopped=False), "already_done": True, "record": str(done)}
     measure_threads = run.device.type == "cpu" and not cfg.threads
     if estimate and p.step < cfg.steps:
         run.estimate = plan(run, measure_threads).s_per_update
@@ -163,7 +169,8 @@ def update(run: Run, log: "RunLog") -> None:
 def evaluate_now(run: Run, log: "RunLog") -> None:
     cfg = run.cfg
     res = evaluate(run.wm, run.agent, env_makers(cfg)[1], cfg.eval_episodes, cfg.eval_envs, run.mcfg,
-                   cfg.eval_greedy, seed=cfg.seed * 1_000_003 + run.progress.step)
+                   cfg.eval_greedy, seed=cfg.seed * 1_000_003 + run.progress.step,
+                   progress=f"evaluation at step {run.progress.step}" if log.show else None)
     ev = {"step": run.progress.step, "mean": finite_or_none(res.mean), "returns": res.returns,
           "action_counts": res.action_counts}
     run.progress.eval_history.append(ev)
@@ -179,16 +186,20 @@ def checkpoint_due(run: Run, last_save_t: float) -> bool:
 def finish(run: Run, log: "RunLog") -> dict:
     """The final evaluation (full games, greedy) and the run record, in --runs-dir and the run dir."""
     from wmbench.agent.record import run_record
-    from wmbench.core.records import write_record
+    from wmbench.core.records import save_record, write_record
     cfg = run.cfg
     final = evaluate(run.wm, run.agent, env_makers(cfg)[1], cfg.final_eval_episodes, cfg.eval_envs, run.mcfg,
-                     cfg.eval_greedy, seed=cfg.seed * 1_000_003 + 10**9)
+                     cfg.eval_greedy, seed=cfg.seed * 1_000_003 + 10**9,
+                     progress="final evaluation" if log.show else None)
     log.writer.add_scalar("eval/final_return", final.mean, run.progress.step)
     rec = run_record(run, final)
     name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
         rec["created_at"].replace(":", "").replace("-", "")[:15]
-    path = write_record(rec, cfg.runs_dir, name=name)
-    write_record(rec, run.run_dir, name="record", overwrite=True)   # the run dir's latest record
+    try:
+        write_record(rec, run.run_dir, name="record", overwrite=True)   # the run dir's latest record
+    except OSError as e:
+        print(f"warning: could not write {run.run_dir / 'record.json'} ({e.strerror or e})", file=sys.stderr)
+    path = save_record(rec, cfg.runs_dir, name=name, fallbacks=(run.run_dir / "records",))
     return {**summary(run, stopped=False), "record": str(path), "final_eval_return": final.mean,
             "score": rec["metrics"]["score"]["value"], "metrics": rec["metrics"],
             "final_eval_action_fractions": final.action_fractions()}
@@ -341,6 +352,9 @@ def banner(cfg: TrainConfig) -> str:
         if k in cfg.auto_choices:
             lines.append(f"  {k} auto -> {getattr(cfg, k)}: {cfg.auto_choices[k]}")
     lines.append(f"  run dir {cfg.run_dir} (re-run the same command to resume); record to {cfg.runs_dir}/")
+    if cfg.warmup_steps >= cfg.steps:
+        lines.append(f"warning: --steps {cfg.steps} ends inside the warm-up ({cfg.warmup_steps} random-action "
+                     "steps): nothing will be trained")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from wmbench.core import allocator
+from wmbench.core.paths import tmp_prefix
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
@@ -33,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
     written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -147,6 +148,32 @@ def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", nam
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
+class RecordNotSaved(OSError):
+    """The record could not be written where asked; `saved_to` says where it went instead."""
+
+    def __init__(self, msg: str, saved_to: Path | None):
+        super().__init__(msg)
+        self.saved_to = saved_to
+
+
+def save_record(record: dict, runs_dir: str | os.PathLike, name: str, fallbacks: tuple = ()) -> Path:
+    """write_record, and if that fails (disk full, a folder made read-only during the run), the same
+    record in each fallback folder in turn, then the system temp folder: a finished result is never lost.
+    Raises RecordNotSaved (naming where it went) when the record is not in `runs_dir`."""
+    try:
+        return write_record(record, runs_dir, name=name)
+    except OSError as e:
+        first = f"could not write the record to {runs_dir} ({e.strerror or e})"
+    for folder in (*fallbacks, Path(tempfile.gettempdir()) / "wmbench-records"):
+        try:
+            path = write_record(record, folder, name=name)
+        except OSError:
+            continue
+        raise RecordNotSaved(f"{first}; saved it to {path} instead", path)
+    raise RecordNotSaved(f"{first}, nor to any fallback folder; the record follows on stdout:\n"
+                         + json.dumps(record, default=_jsonable), None)
+
+
 def _jsonable(o: Any):
     if isinstance(o, (torch.dtype, torch.device, Path)):
         return str(o)
@@ -163,19 +190,28 @@ def validate_record(rec: Any) -> None:
     missing = [k for k in REQUIRED_FIELDS if k not in rec]
     if missing:
         raise ValueError(f"record lacks field(s) {', '.join(missing)}")
+    for k, t in (("kind", str), ("config", dict), ("environment", dict), ("metrics", dict)):
+        if not isinstance(rec[k], t):
+            raise ValueError(f"record field {k!r} is not a {t.__name__}")
     if rec["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"unsupported schema_version {rec['schema_version']!r} (expected {SCHEMA_VERSION})")
 
 
-def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None = None) -> list[dict]:
-    """All valid records under `runs_dir`; corrupt or foreign files are skipped with a warning."""
+def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None = None,
+                 skipped: list | None = None) -> list[dict]:
+    """All valid records under `runs_dir`. Corrupt or foreign files are skipped: appended to `skipped` as
+    (path, reason) when a list is given, else reported with one warning each."""
     out = []
     for path in sorted(Path(runs_dir).glob("*.json")):
         try:
             rec = json.loads(path.read_text())
             validate_record(rec)
         except (OSError, ValueError) as e:
-            warnings.warn(f"skipping {path}: {e}")
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if skipped is None:
+                warnings.warn(f"skipping {path}: {reason}")
+            else:
+                skipped.append((str(path), reason))
             continue
         if kind is None or rec["kind"] == kind:
             rec["_path"] = str(path)

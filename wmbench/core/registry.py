@@ -8,6 +8,7 @@ any object (tasks).
 from __future__ import annotations
 
 import importlib
+import numbers
 import warnings
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -70,8 +71,9 @@ def list_backbones() -> list[str]:
 
 def create_backbone(name: str, d_model: int = 512, n_layers: int = 2, **options):
     """Build a registered backbone: a torch.nn.Module with forward / init_state / prefill / step."""
-    if int(d_model) <= 0 or int(n_layers) <= 0:
-        raise ValueError(f"d_model and n_layers must be positive, got d_model={d_model}, n_layers={n_layers}")
+    for k, v in (("d_model", d_model), ("n_layers", n_layers)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0:   # not 3.5, "64" or True
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
     return BACKBONES.get(name)(d_model=int(d_model), n_layers=int(n_layers), **options)
 
 

@@ -38,6 +38,28 @@ class BenchConfig:
     step_iters: int = 100         # step() calls are ~1-15 ms: many samples for a stable median
     seed: int = 0
     backbone_options: dict = field(default_factory=dict)
+    threads: int = 0              # torch CPU threads in each cell (0: torch's default)
+
+
+def check_bench_config(cfg: BenchConfig) -> None:
+    """Every field, before any work: one-line ValueError naming the option."""
+    from wmbench.core.device import resolve_device
+    if not cfg.backbones:
+        raise UserError("--backbones is empty; valid choices: " + ", ".join(BACKBONES.names()))
+    for name in cfg.backbones:
+        BACKBONES.get(name)  # unknown names fail naming the valid ones
+    for flag, v in (("--batch", cfg.batch_size), ("--d-model", cfg.d_model), ("--layers", cfg.n_layers),
+                    ("--iters", cfg.iters)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise UserError(f"{flag} must be a positive integer, got {v!r}")
+    for flag, v in (("--warmup", cfg.warmup), ("--threads", cfg.threads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise UserError(f"{flag} must be an integer >= 0, got {v!r}")
+    if not cfg.lengths or not cfg.step_contexts or min(cfg.lengths + cfg.step_contexts) <= 0:
+        raise UserError("--len and --contexts must be non-empty lists of positive integers")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    resolve_device(cfg.device)
 
 
 def _autocast(cfg: BenchConfig):
@@ -57,6 +79,8 @@ def _flops_fwd_bwd(model, x) -> int:
 def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
     """Measure one backbone at one length in this process; returns metrics."""
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dev = torch.device(cfg.device)
     model = create_backbone(backbone, cfg.d_model, cfg.n_layers, **cfg.backbone_options).to(dev)
     x = torch.randn(cfg.batch_size, length, cfg.d_model, device=dev)
@@ -67,8 +91,12 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
         y.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
+    def fwd_bwd_ticked():
+        fwd_bwd()
+        _tick()
+
     with PeakMemory(dev) as mem:
-        times = time_calls(fwd_bwd, warmup=cfg.warmup, iters=cfg.iters, device=dev)
+        times = time_calls(fwd_bwd_ticked, warmup=cfg.warmup, iters=cfg.iters, device=dev)
     t = median(times)
     with _autocast(cfg):
         flops = _flops_fwd_bwd(model, x)
@@ -101,39 +129,67 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
 
             ts = time_calls(one_step, warmup=8, iters=cfg.step_iters, device=dev)
             step_ms[str(ctx)] = 1e3 * median(ts)
+            _tick()
     out["step_latency"] = metric(step_ms, "ms", f"median of {cfg.step_iters} step() calls after prefill of the context, "
                                  f"batch {cfg.batch_size}, keyed by context length")
     return out
 
 
-def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int) -> dict:
+TICK = "wmbench-bench-tick"
+
+
+def _tick() -> None:
+    """One unit of a cell's work done (a timed fwd+bwd, a context's step latency): the parent's bar moves."""
+    print(TICK, file=sys.stderr, flush=True)
+
+
+def ticks_per_cell(cfg: BenchConfig) -> int:
+    return cfg.warmup + cfg.iters + len(cfg.step_contexts)
+
+
+def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int, tick=lambda: None) -> dict:
     # the cell runs with the parent's malloc mode (the record names it)
     payload = json.dumps({"cfg": asdict(cfg), "backbone": backbone, "length": length,
                           "malloc": allocator.active()})
-    proc = subprocess.run([sys.executable, "-m", "wmbench.harness.bench", "--cell", payload],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-        oom = proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr
-        return {"error": "OOM" if oom else err}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "wmbench.harness.bench", "--cell", payload],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines = []
+    for line in proc.stderr:           # stdout is one JSON line at the end: it cannot fill its pipe
+        if line.strip() == TICK:
+            tick()
+        else:
+            err_lines.append(line)
+    out = proc.stdout.read()
+    rc = proc.wait()
+    if rc != 0:
+        err = "".join(err_lines)
+        last = (err.strip().splitlines() or ["killed"])[-1]
+        oom = rc in (-9, 137) or "out of memory" in err.lower() or "MemoryError" in err
+        return {"error": "OOM" if oom else last}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool = True) -> tuple[dict, str]:
     from tqdm import tqdm
-    from wmbench.core.records import make_record, write_record
+    from wmbench.core.records import make_record, save_record
 
-    for name in cfg.backbones:
-        BACKBONES.get(name)  # unknown names fail before any work
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    check_bench_config(cfg)
     cells = [(b, n) for b in cfg.backbones for n in cfg.lengths]
     results = {}
-    bar = tqdm(cells, desc="bench", disable=not progress, unit="cell")
-    for b, n in bar:
-        bar.set_postfix_str(f"{b} L={n}")
-        results.setdefault(b, {})[str(n)] = _run_cell_subprocess(cfg, b, n)
-    peak = matmul_throughput(cfg.device, DTYPES[cfg.dtype])
+    bar = tqdm(total=len(cells) * ticks_per_cell(cfg), desc="bench", disable=not progress, unit="call",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    for i, (b, n) in enumerate(cells):
+        bar.set_postfix_str(f"cell {i + 1}/{len(cells)}: {b} L={n}")
+        results.setdefault(b, {})[str(n)] = _run_cell_subprocess(cfg, b, n, tick=lambda: bar.update(1))
+        bar.n = (i + 1) * ticks_per_cell(cfg)    # a failed cell's missing ticks
+        bar.refresh()
+    bar.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)     # the peak at the cells' thread count
+    try:
+        peak = matmul_throughput(cfg.device, DTYPES[cfg.dtype])
+    finally:
+        torch.set_num_threads(threads)
     for b in results:
         for cell in results[b].values():
             if "error" not in cell:
@@ -143,7 +199,10 @@ def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool =
     metrics = {"matmul_throughput": metric(peak, "FLOP/s", f"best of repeated 1024^3 {cfg.dtype} matmuls"),
                "cells": results}
     record = make_record("bench", asdict(cfg), metrics, device=cfg.device)
-    path = write_record(record, runs_dir)
+    if cfg.threads:
+        record["environment"]["torch_threads"] = cfg.threads    # what the cells ran with
+    stamp = record["created_at"].replace(":", "").replace("-", "").replace("+0000", "")
+    path = save_record(record, runs_dir, name=f"bench-{stamp}", fallbacks=(".",))
     return record, str(path)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wmbench.core.device import resolve_device
 from wmbench.core.measure import PeakMemory, median, metric, sync
 from wmbench.core.registry import BACKBONES, create_backbone, get_task
 from wmbench.harness.gridworld_eval import DTYPES, autocast, cell_mask, evaluate, train_seed
@@ -165,9 +166,7 @@ def make_config(preset: str = "cpu", **overrides) -> RunConfig:
 def check_config(cfg: RunConfig):
     """Validate a config; returns (task object, number of frames). Raises ValueError with one line."""
     task = get_task(cfg.task)()
-    n_frames = task.check_length(cfg.seq_len)
-    if n_frames < 2:
-        raise ValueError(f"--len must hold at least 2 frames ({2 * task.frame_len} tokens), got {cfg.seq_len}")
+    n_frames = task.check_length(cfg.seq_len, min_frames=2)   # a frame to predict from, and one to predict
     for name in ("steps", "batch_size", "d_model", "n_layers", "eval_sequences", "timed_steps",
                  "imagine_frames", "eval_batch"):
         v = getattr(cfg, name)
@@ -183,11 +182,28 @@ def check_config(cfg: RunConfig):
         raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available; valid choices: cpu")
+    resolve_device(cfg.device)
     BACKBONES.get(cfg.backbone)   # unknown backbone -> ValueError naming the choices
     return task, n_frames
+
+
+# float32 values kept per token, per model width, per layer for the backward pass: a lower bound (the
+# input, the expanded inner activations and the gate of a Mamba-2 or GRU layer already exceed it)
+ACTIVATION_FLOATS = 16
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse a run whose training activations alone cannot fit in the memory available now."""
+    import psutil
+    need = cfg.batch_size * cfg.seq_len * cfg.d_model * cfg.n_layers * ACTIVATION_FLOATS * 4
+    if cfg.device == "cpu" or torch.device(cfg.device).type == "cpu":
+        have, where = psutil.virtual_memory().available, "RAM available"
+    else:
+        have, where = torch.cuda.mem_get_info(torch.device(cfg.device))[0], "GPU memory free"
+    if need > have:
+        raise ValueError(f"--len {cfg.seq_len} needs at least {need / 2**30:.0f} GiB of activations (batch "
+                         f"{cfg.batch_size} x {cfg.seq_len:,} tokens x d_model {cfg.d_model} x {cfg.n_layers} "
+                         f"layers), more than the {have / 2**30:.0f} GiB {where}; use a shorter --len or --batch")
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

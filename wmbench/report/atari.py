@@ -91,7 +91,8 @@ def atari_markdown(records: list[dict]) -> str:
         groups: dict[tuple, list[dict]] = collections.defaultdict(list)
         for r in rows:
             c = r["config"]
-            key = (c.get("backbone"), _sampler(c), c.get("size"), c.get("faithful", "–"), c.get("steps"))
+            key = (c.get("backbone"), _sampler(c), c.get("size"), c.get("faithful", "–"), c.get("steps"),
+                   r["environment"].get("device_name"))    # a mean never mixes machines
             groups[key].append(r)
             lines.append(
                 f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {c.get('seed')} | {key[4]} | "
@@ -107,6 +108,6 @@ def atari_markdown(records: list[dict]) -> str:
             lines.append(f"| **{key[0]}** | **{key[1]}** | **{key[2]}** | **{key[3]}** | mean of {len(rs)} | "
                          f"{key[4]} | **{mean(_score)}** | **{mean(lambda r: _score_ref(r, grid))}** | "
                          f"{_f(float(np.mean([_m(r, 'final_eval_return') or 0 for r in rs])))} | "
-                         f"{mean(lambda r: _eval_ref(r, grid))} | | |")
+                         f"{mean(lambda r: _eval_ref(r, grid))} | | {key[5]} |")
         lines.append("")
     return "\n".join(lines)

@@ -59,11 +59,11 @@ def _std(x: pd.Series) -> float:
 def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate over seeds; join the paper's numbers."""
     rows = []
-    for (b, n), g in df.groupby(["backbone", "seq_len"]):
+    for (b, n, hw), g in df.fillna({"device_name": "unknown"}).groupby(["backbone", "seq_len", "device_name"]):
         ok = g[g.status == "ok"]
         oom = len(ok) == 0 and (g.status == "OOM").any()
         rows.append({
-            "backbone": b, "seq_len": n, "seeds": len(ok),
+            "backbone": b, "seq_len": n, "hardware": hw, "seeds": len(ok),
             "train_ms": np.nan if oom else ok.train_ms.mean(),
             "memory_mib": np.nan if oom else ok.peak_mib.mean(),
             "memory_pct_8GiB": np.nan if oom else 100 * ok.peak_mib.mean() * 2**20 / GIB8,
@@ -83,7 +83,7 @@ def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
         "error_pct_mean": "paper_error_mean", "error_pct_std": "paper_error_std"})
     out = out.merge(paper, on=["backbone", "seq_len"], how="left")
     out["_o"] = out.backbone.map({b: i for i, b in enumerate(ORDER)}).fillna(len(ORDER))
-    return out.sort_values(["seq_len", "_o", "backbone"]).drop(columns="_o").reset_index(drop=True)
+    return out.sort_values(["seq_len", "_o", "backbone", "hardware"]).drop(columns="_o").reset_index(drop=True)
 
 
 def _pm(mean, std, fmt="{:.1f}") -> str:
@@ -108,8 +108,8 @@ def gridworld_markdown(table: pd.DataFrame, hardware: list[str]) -> str:
         "'floor' is the perfect-dynamics oracle on the same frames (re-spawns are unpredictable); "
         "'pred.' is the error on predictable frames only.", "",
         "| backbone | L | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % | paper error % "
-        "| floor % | error % pred. | imagine ms/token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| floor % | error % pred. | imagine ms/token |" + (" hardware |" if len(hardware) > 1 else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if len(hardware) > 1 else ""),
     ]
     for r in table.itertuples():
         oom = r.status == "OOM"
@@ -119,7 +119,7 @@ def gridworld_markdown(table: pd.DataFrame, hardware: list[str]) -> str:
             f"| {r.backbone} | {r.seq_len} | {r.seeds} | {'OOM' if oom else _num(r.train_ms)} | {_num(r.paper_train_ms)} "
             f"| {mem} | {paper_mem} | {_pm(r.error_mean, r.error_std)} | {_pm(r.paper_error_mean, r.paper_error_std)} "
             f"| {_num(r.floor, '{:.1f}')} | {_pm(r.error_pred_mean, r.error_pred_std)} "
-            f"| {_num(r.imagine_ms_per_token, '{:.2f}')} |")
+            f"| {_num(r.imagine_ms_per_token, '{:.2f}')} |" + (f" {r.hardware} |" if len(hardware) > 1 else ""))
     lines += ["", "Regenerate: `wmbench report` (reads every record under results/runs/)."]
     return "\n".join(lines) + "\n"
 
@@ -190,10 +190,74 @@ def bench_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_report(runs_dir: str = "results/runs", out_dir: str = "results") -> list[Path]:
-    out = Path(out_dir)
+# config fields that say where a run was written, not what it computed: two records that differ only
+# here are the same (config, seed)
+WHERE_FIELDS = ("run_dir", "runs_dir", "auto_choices", "preset")
+
+
+def record_key(rec: dict) -> str:
+    """What makes two records the same run: kind, config (without where it was written) and hardware."""
+    import json
+    cfg = {k: v for k, v in rec["config"].items() if k not in WHERE_FIELDS}
+    return json.dumps([rec["kind"], cfg, rec["environment"].get("device_name")], sort_keys=True, default=str)
+
+
+def dedupe(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """Each (config, seed, hardware) once: the newest record; notes name the older copies left out."""
+    newest: dict[str, dict] = {}
+    notes = []
+    for rec in sorted(records, key=lambda r: (str(r.get("created_at", "")), r["_path"])):
+        key = record_key(rec)
+        if key in newest:
+            notes.append(f"note: {Path(newest[key]['_path']).name} repeats the config and seed of "
+                         f"{Path(rec['_path']).name}; kept the newer")
+        newest[key] = rec
+    return sorted(newest.values(), key=lambda r: r["_path"]), notes
+
+
+def _usable(records: list[dict], render, skipped: list) -> list[dict]:
+    """The records `render` can turn into a table on their own; the others go to `skipped`."""
+    ok = []
+    for rec in records:
+        try:
+            render([rec])
+        except Exception as e:  # noqa: BLE001 - a schema-valid record holding a bad value
+            skipped.append((rec["_path"], f"unusable value ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"))
+            continue
+        ok.append(rec)
+    return ok
+
+
+def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machine: str | None = None,
+                 strict: bool = False) -> tuple[list[Path], list[str]]:
+    """Write the tables and plots; returns (paths written, warning and note lines for the user).
+
+    A corrupt or unusable record is skipped with one warning line naming it (strict: UserError instead).
+    Records repeating a (config, seed) on the same hardware count once (the newest). Rows never mix
+    machines: tables group by hardware, and `machine` keeps only records whose CPU/GPU name contains it."""
+    from wmbench.core.errors import UserError
+    from wmbench.core.paths import writable_dir
+    from wmbench.report.atari import atari_markdown
+    if not Path(runs_dir).is_dir():
+        raise FileNotFoundError(f"no run records under {runs_dir} (no such folder)")
+    out = writable_dir(out_dir, "--out")
+    skipped: list = []
+    records = load_records(runs_dir, skipped=skipped)
+    if machine:
+        records = [r for r in records if machine.lower() in str(r["environment"].get("device_name", "")).lower()]
+    by_kind = {k: [r for r in records if r["kind"] == k] for k in ("gridworld", "bench", "atari")}
+    by_kind["gridworld"] = _usable(by_kind["gridworld"], lambda rs: gridworld_table(gridworld_frame(rs)), skipped)
+    by_kind["bench"] = _usable(by_kind["bench"], bench_markdown, skipped)
+    by_kind["atari"] = _usable(by_kind["atari"], atari_markdown, skipped)
+    messages = [f"warning: skipping {p}: {why}" for p, why in skipped]
+    if strict and skipped:
+        raise UserError(f"{len(skipped)} unusable record(s), first {skipped[0][0]}: {skipped[0][1]} (--strict)")
+    notes = []
+    for k in ("gridworld", "atari"):
+        by_kind[k], n = dedupe(by_kind[k])
+        notes += n
     written: list[Path] = []
-    grid = load_records(runs_dir, kind="gridworld")
+    grid = by_kind["gridworld"]
     if grid:
         df = gridworld_frame(grid)
         table = gridworld_table(df)
@@ -201,13 +265,12 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results") -> li
         written.append(atomic_write_text(out / "tables" / "gridworld.csv", table.to_csv(index=False)))
         written.append(atomic_write_text(out / "tables" / "gridworld.md", gridworld_markdown(table, hardware)))
         written += gridworld_plots(df, table, out / "plots")
-    bench = load_records(runs_dir, kind="bench")
-    if bench:
-        written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(bench)))
-    atari = load_records(runs_dir, kind="atari")
-    if atari:
-        from wmbench.report.atari import atari_markdown  # written with the Atari trainer
-        written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(atari)))
+    if by_kind["bench"]:
+        written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(by_kind["bench"])))
+    if by_kind["atari"]:
+        written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(by_kind["atari"])))
     if not written:
-        raise FileNotFoundError(f"no run records under {runs_dir}; run `wmbench run` or `wmbench bench` first")
-    return written
+        raise FileNotFoundError(f"no usable run records under {runs_dir}"
+                                + (f" for machine {machine!r}" if machine else "")
+                                + "; run `wmbench run`, `bench` or `atari` first")
+    return written, messages + notes

@@ -14,6 +14,7 @@ default follows ("paper", "code" = the official repository at 65b2aac, "DreamerV
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,26 @@ MODES = {
     "policy_latent": ("prior", "posterior"),
     "init": ("torch", "code"),
 }
+
+
+INF = float("inf")
+# number fields: (low, low excluded, high, high excluded)
+RANGES = {
+    "gamma": (0.0, True, 1.0, False), "lam": (0.0, False, 1.0, False),
+    "wm_lr": (0.0, True, INF, True), "ac_lr": (0.0, True, INF, True),
+    "wm_eps": (0.0, True, INF, True), "ac_eps": (0.0, True, INF, True),
+    "wm_weight_decay": (0.0, False, 1.0, True),
+    "wm_grad_clip": (0.0, True, INF, True), "ac_grad_clip": (0.0, True, INF, True),
+    "free_bits": (0.0, False, INF, True), "dyn_scale": (0.0, False, INF, True),
+    "rep_scale": (0.0, False, INF, True), "entropy": (0.0, False, INF, True),
+    "slow_critic_decay": (0.0, False, 1.0, True), "return_norm_decay": (0.0, False, 1.0, True),
+    "unimix": (0.0, False, 1.0, True), "actor_unimix": (0.0, False, 1.0, True),
+    "dropout": (0.0, False, 1.0, True),
+}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -120,6 +141,12 @@ class DramaConfig:
     actor_input_norm: bool = False    # code: running mean/var normalisation of [z, d], clipped at ±10
 
     def __post_init__(self):
+        for k in ("enc_filters", "enc_strides", "return_percentiles"):
+            v = getattr(self, k)
+            if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+                raise ValueError(f"{k} must be a list of numbers, got {v!r}")
+        if not isinstance(self.backbone, str) or not isinstance(self.backbone_options, dict):
+            raise ValueError("backbone must be a name and backbone_options a dict")
         self.enc_filters = tuple(int(f) for f in self.enc_filters)
         self.enc_strides = tuple(int(s) for s in self.enc_strides)
         self.return_percentiles = tuple(float(p) for p in self.return_percentiles)
@@ -129,10 +156,21 @@ class DramaConfig:
         for k in ("image_size", "image_channels", "obs_pool", "kernel", "n_latents", "n_classes", "d_model",
                   "n_layers", "head_hidden", "head_layers", "reward_bins", "batch_size", "batch_length",
                   "imag_batch", "imag_context", "imag_horizon", "act_context", "ac_layers",
-                  "actor_hidden", "critic_hidden"):
+                  "actor_hidden", "critic_hidden", "d_state", "headdim", "n_heads"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        for k in ("wm_warmup", "ac_warmup"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{k} must be an integer >= 0, got {v!r}")
+        for k, (lo, lo_open, hi, hi_open) in RANGES.items():
+            v = getattr(self, k)
+            ok = _is_number(v) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and \
+                (v < hi if hi_open else v <= hi)
+            if not ok:
+                interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                raise ValueError(f"{k} must be a number in {interval}, got {v!r}")
         if len(self.enc_filters) != len(self.enc_strides) or not self.enc_filters:
             raise ValueError("enc_filters and enc_strides must be non-empty and of equal length")
         if any(s not in (1, 2) for s in self.enc_strides):
@@ -150,9 +188,6 @@ class DramaConfig:
         for k in ("amp", "decay_ssm_params", "actor_input_norm"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
-        for k in ("unimix", "actor_unimix", "dropout"):
-            if not 0.0 <= getattr(self, k) < 1.0:
-                raise ValueError(f"{k} must be in [0, 1), got {getattr(self, k)!r}")
         lo, hi = self.return_percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"return_percentiles must satisfy 0 <= lo < hi <= 100, got {self.return_percentiles}")
