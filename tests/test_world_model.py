@@ -367,3 +367,19 @@ def test_imagination_does_not_reset_at_predicted_terminations():
     assert not torch.allclose(im.h[:, 2], im.h[:, 3])
     fresh, _ = wm.backbone.step(wm.embed(im.z[:, 2], im.actions[:, 2]), wm.backbone.init_state(2))
     assert not torch.allclose(im.h[:, 3], fresh, atol=1e-4)
+
+
+def test_chunked_context_encoding_matches_one_pass(monkeypatch):
+    """Without autograd the encoder sees ENCODE_CHUNK frames at a time; the latents and the sample
+    drawn from them are those of one pass over every frame."""
+    import wmbench.world_model.model as model_mod
+    wm = WorldModel(get_preset("tiny"), 4).eval()
+    obs = torch.randint(0, 256, (5, 3, 64, 64, 3), dtype=torch.uint8)
+    outs = []
+    for chunk in (10**9, 4):
+        monkeypatch.setattr(model_mod, "ENCODE_CHUNK", chunk)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs.append(wm.encode(obs))
+    (lp1, z1), (lp2, z2) = outs
+    assert torch.allclose(lp1, lp2, atol=1e-6) and torch.equal(z1, z2)

@@ -29,6 +29,9 @@ from wmbench.world_model.networks import Decoder, Encoder, rms_mlp, trunc_normal
 from wmbench.world_model.optim import TrainState, autocast, check_finite, make_optimizer
 
 
+ENCODE_CHUNK = 512   # frames per encoder call without autograd: bounds the memory of encoding contexts
+
+
 @dataclass
 class Imagination:
     """An imagined rollout of horizon H from b_img starting points.
@@ -132,11 +135,23 @@ class WorldModel(TrainState, nn.Module):
         return x * (1.0 / 255.0) if obs.dtype == torch.uint8 else x
 
     def encode(self, obs: torch.Tensor):
-        """obs (B, L, ...frame) -> posterior log-probs (B, L, K, C) and ST one-hot sample z (B, L, K*C)."""
-        return self._encode_frames(self._frames(obs), *obs.shape[:2])
+        """obs (B, L, ...frame) -> posterior log-probs (B, L, K, C) and ST one-hot sample z (B, L, K*C).
+
+        Without autograd (imagination contexts: 1024 x 8 frames at XS) the frames go through the encoder
+        ENCODE_CHUNK at a time, so its float copies and activations stay small and reused instead of
+        gigabytes of fresh pages; one sample is drawn over all of them, as unchunked."""
+        B, L = obs.shape[:2]
+        n = B * L
+        if torch.is_grad_enabled() or n <= ENCODE_CHUNK:
+            return self._encode_frames(self._frames(obs), B, L)
+        flat = torch.as_tensor(obs, device=self.device).reshape(n, *obs.shape[2:])
+        feats = torch.cat([self.encoder(self._frames(flat[i:i + ENCODE_CHUNK])) for i in range(0, n, ENCODE_CHUNK)])
+        return self._latents(feats, B, L)
 
     def _encode_frames(self, x: torch.Tensor, B: int, L: int):
-        feats = self.encoder(x)
+        return self._latents(self.encoder(x), B, L)
+
+    def _latents(self, feats: torch.Tensor, B: int, L: int):
         logp = unimix_logprobs(self.post_head(feats).view(B, L, self.cfg.n_latents, self.cfg.n_classes),
                                self.cfg.unimix)
         return logp, sample_onehot_st(logp).flatten(-2)
