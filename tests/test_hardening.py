@@ -194,14 +194,29 @@ def test_latest_outside_the_run_dir_is_refused(tmp_path):
     assert_one_line_error(rc, err, "not a step folder of this run dir")
 
 
-def test_hand_edited_meta_json_is_refused(tmp_path):
+@pytest.mark.parametrize("field,value,manifest_too", [
+    ("step", 5, False),                 # caught by the manifest's sha256
+    ("python_rng", [1], True),          # an editor who also fixed the manifest: caught by the meta check
+    ("step", "abc", True),
+    ("episodes", 5, True),
+    ("credit", "x", True),
+    ("config", 5, True),
+])
+def test_hand_edited_meta_json_is_refused(field, value, manifest_too, tmp_path):
+    import hashlib
     run, args = _checkpointed_run(tmp_path)
     step = next((run / "checkpoints").glob("step_*"))
     meta = json.loads((step / "meta.json").read_text())
-    meta["step"] = 5
+    meta[field] = value
     (step / "meta.json").write_text(json.dumps(meta))
-    rc, _, err = cli(*args)
-    assert_one_line_error(rc, err, "corrupt")
+    if manifest_too:
+        man = json.loads((step / "manifest.json").read_text())
+        data = (step / "meta.json").read_bytes()
+        man["meta.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (step / "manifest.json").write_text(json.dumps(man))
+    for extra in ([], ["--check"]):
+        rc, _, err = cli(*args, *extra)
+        assert_one_line_error(rc, err, "corrupt" if not manifest_too else f"invalid meta.json ({field})")
 
 
 def test_checkpoint_folders_share_their_files_mode(tmp_path):

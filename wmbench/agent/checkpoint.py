@@ -140,15 +140,21 @@ def _read_latest(root: Path) -> str | None:
 
 
 def peek_meta(run_dir: str | os.PathLike) -> dict | None:
-    """The newest checkpoint's meta.json (config, step) without reading or verifying its arrays."""
+    """The newest checkpoint's meta.json (config, step), checked against its manifest, without reading or
+    verifying the (large) arrays."""
     root = ckpt_root(run_dir)
     name = _read_latest(root)
     if name is None or not re.fullmatch(r"step_\d{9}", name):
         return None
+    path = root / name
     try:
-        return json.loads((root / name / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {root / name} is corrupt: unreadable meta.json ({e})") from None
+        entry = json.loads((path / "manifest.json").read_text())["meta.json"]
+        data = (path / "meta.json").read_bytes()
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError("meta.json does not match its manifest")
+        return json.loads(data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
 
 
 def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:

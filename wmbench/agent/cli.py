@@ -14,13 +14,14 @@ def check_run(cfg: TrainConfig) -> None:
     from pathlib import Path
 
     from wmbench.agent import checkpoint as ckpt
-    from wmbench.agent.run import _refuse_diff, _refuse_other_config
+    from wmbench.agent.run import _refuse_diff, _refuse_other_config, check_meta
     from wmbench.core.paths import probe_dir
     probe_dir(cfg.runs_dir, "--runs-dir")
     probe_dir(cfg.run_dir, "--run-dir")
     _refuse_other_config(cfg, Path(cfg.run_dir))
     meta = ckpt.peek_meta(cfg.run_dir)
     if meta is not None:
+        check_meta(meta, ckpt.ckpt_root(cfg.run_dir))
         _refuse_diff(meta.get("config", {}), cfg, f"the checkpoint in {cfg.run_dir}")
         if int(meta.get("step", 0)) > cfg.steps:
             raise ValueError(f"{cfg.run_dir} is already at env step {meta['step']}, beyond --steps {cfg.steps}")
@@ -48,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preset", help="run preset (size + schedule): " + ", ".join(RUN_PRESETS))
     p.add_argument("--steps", type=int, help="env steps (default 100000)")
     p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
-    p.add_argument("--run-dir", help="checkpoints, metrics and TensorBoard logs (resume: same dir)")
+    p.add_argument("--run-dir", help="checkpoints, metrics and TensorBoard logs; resume: the same dir (default "
+                                     "runs/atari/GAME-BACKBONE-SAMPLER-SIZE-seedSEED)")
     p.add_argument("--protocol", help="Atari protocol: drama (default), dreamerv3, storm, iris")
     p.add_argument("--device", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 or all cores, whichever measures faster)")

@@ -88,6 +88,7 @@ class Run:
         _refuse_other_config(cfg, run_dir)
         state = ckpt.load_checkpoint(run_dir, map_location=device)
         if state is not None:   # the checkpoint carries its config too (config.json may have been removed)
+            check_meta(state.meta, state.path)
             _refuse_diff(state.meta.get("config", {}), cfg, f"checkpoint {state.path}")
 
         # seeding, environment, models, replay: built identically for fresh and resumed runs
@@ -134,7 +135,7 @@ class Run:
             ckpt.set_numpy_global_rng_state(m["numpy_rng"])
             self.act_rng = ckpt.generator_from_state(m["act_rng"])
             self.progress = Progress(**{f.name: m[f.name] for f in dataclasses.fields(Progress)})
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise ckpt.CheckpointError(f"checkpoint {state.path} does not fit this run "
                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         step = self.progress.step
@@ -184,6 +185,37 @@ class Run:
                 "act_rng": ckpt.generator_state(self.act_rng), "env": None if es is None else es[0]}
         del meta["step"]   # the checkpoint's own step
         return ckpt.save_checkpoint(self.run_dir, self.progress.step, st, arrays, meta)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# meta.json fields a run restores, and what each must hold (a hand-edited file is refused, not trusted)
+META_CHECKS = {
+    "step": _is_int, "n_updates": _is_int, "credit": _is_num, "elapsed_s": _is_num, "update_time_s": _is_num,
+    "episodes": lambda v: isinstance(v, list) and all(
+        isinstance(e, dict) and _is_int(e.get("step")) and _is_num(e.get("return")) and _is_int(e.get("length"))
+        for e in v),
+    "eval_history": lambda v: isinstance(v, list) and all(isinstance(e, dict) and _is_int(e.get("step")) for e in v),
+    "config": lambda v: isinstance(v, dict),
+    "python_rng": lambda v: isinstance(v, list) and len(v) == 3 and isinstance(v[1], list),
+    "numpy_rng": lambda v: isinstance(v, list) and len(v) == 5 and isinstance(v[1], list),
+    "act_rng": lambda v: isinstance(v, dict) and "bit_generator" in v,
+    "env": lambda v: v is None or isinstance(v, dict),
+}
+
+
+def check_meta(meta: dict, path) -> None:
+    """Every field of meta.json the run restores has the type it was written with."""
+    bad = [k for k, ok in META_CHECKS.items() if k not in meta or not ok(meta[k])]
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint {path} has an invalid meta.json ({', '.join(bad)}); "
+                                   "was it edited? delete the run dir or restore the file")
 
 
 def _refuse_diff(saved: dict, cfg: TrainConfig, what: str) -> None:
