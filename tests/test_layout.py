@@ -1,5 +1,5 @@
-"""The package layout as the README draws it: imports run one way (cli -> agent / harness / report ->
-world-model shell -> backbones / tasks -> core), no circle between modules, and a run's state is saved
+"""The package layout as the README draws it: imports run one way (cli -> harness -> agent -> world-model
+shell -> backbones / tasks -> core; report -> core), no circle between modules, and a run's state is saved
 whole (every field of `Run` is either checkpointed or derived from the config)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ALLOWED = {
     "tasks": {"core"},
     "world_model": {"core", "backbones"},
     "agent": {"core", "backbones", "tasks", "world_model"},
-    "harness": {"core", "backbones", "tasks", "world_model"},
+    "harness": {"core", "backbones", "tasks", "world_model", "agent"},   # the agent bench measures the agent
     "report": {"core", "tasks"},
     "cli": {"core", "backbones", "tasks", "world_model", "agent", "harness", "report", "package"},
     "package": {"core"},   # wmbench/__init__.py: the public names

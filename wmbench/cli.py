@@ -39,7 +39,39 @@ def _add_bench(sub):
     p.add_argument("--runs-dir", default="results/runs", help="where the record goes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the options and folders, print the config, stop")
+    p.add_argument("--agent", action="store_true",
+                   help="the Drama agent's update phase by phase per backbone, at --size (--len, --batch, "
+                        "--d-model, --layers, --dtype, --contexts do not apply)")
+    p.add_argument("--size", default="cpu", help="with --agent: the model size preset (XS, S, tiny, cpu)")
     p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_agent_bench(a) -> int:
+    import json
+    from dataclasses import asdict
+
+    from wmbench.core.device import resolve_device
+    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
+    from wmbench.core.records import RecordNotSaved
+    from wmbench.harness.agent_bench import AgentBenchConfig, check_agent_bench_config, run_agent_bench
+    from wmbench.report.agent_bench import agent_bench_markdown
+    cfg = AgentBenchConfig(backbones=a.backbones, size=a.size, device=str(resolve_device(a.device)),
+                           threads=a.threads, warmup=a.warmup, iters=a.iters)
+    check_agent_bench_config(cfg)
+    if a.check:
+        probe_dir(a.runs_dir, "--runs-dir")
+        print(json.dumps(asdict(cfg), indent=1))
+        return 0
+    runs_dir = writable_dir(a.runs_dir, "--runs-dir")
+    remove_orphans(runs_dir)
+    try:
+        record, path = run_agent_bench(cfg, runs_dir=runs_dir, progress=not a.no_progress)
+    except RecordNotSaved as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(agent_bench_markdown([record]))
+    print(f"record: {path}")
+    return 0
 
 
 def _cmd_bench(a) -> int:
@@ -51,6 +83,8 @@ def _cmd_bench(a) -> int:
     from wmbench.core.records import RecordNotSaved
     from wmbench.harness.bench import BenchConfig, check_bench_config, run_bench
     from wmbench.report.bench import format_table
+    if a.agent:
+        return _cmd_agent_bench(a)
     cfg = BenchConfig(backbones=a.backbones, lengths=a.lengths, batch_size=a.batch, d_model=a.d_model,
                       n_layers=a.layers, dtype=a.dtype, device=str(resolve_device(a.device)), iters=a.iters,
                       warmup=a.warmup, step_contexts=a.contexts, threads=a.threads)

@@ -1,16 +1,12 @@
 """`wmbench bench`: fwd+bwd time, peak memory, FLOPs and step latency of backbones.
 
-Each (backbone, length) cell runs in a fresh subprocess so that its peak memory is its own (the
-allocator keeps freed pages, so a second cell in the same process would hide behind the first's
-high-water mark) and an out-of-memory kill costs one cell, not the table.
+Each (backbone, length) cell runs in a fresh subprocess (wmbench/harness/cells.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +15,7 @@ from wmbench.core import allocator
 from wmbench.core.errors import UserError
 from wmbench.core.measure import PeakMemory, matmul_throughput, median, metric, time_calls
 from wmbench.core.registry import BACKBONES, create_backbone
+from wmbench.harness.cells import run_cell_subprocess, tick
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -93,7 +90,7 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
 
     def fwd_bwd_ticked():
         fwd_bwd()
-        _tick()
+        tick()
 
     with PeakMemory(dev) as mem:
         times = time_calls(fwd_bwd_ticked, warmup=cfg.warmup, iters=cfg.iters, device=dev)
@@ -129,18 +126,10 @@ def run_cell(cfg: BenchConfig, backbone: str, length: int) -> dict:
 
             ts = time_calls(one_step, warmup=8, iters=cfg.step_iters, device=dev)
             step_ms[str(ctx)] = 1e3 * median(ts)
-            _tick()
+            tick()
     out["step_latency"] = metric(step_ms, "ms", f"median of {cfg.step_iters} step() calls after prefill of the context, "
                                  f"batch {cfg.batch_size}, keyed by context length")
     return out
-
-
-TICK = "wmbench-bench-tick"
-
-
-def _tick() -> None:
-    """One unit of a cell's work done (a timed fwd+bwd, a context's step latency): the parent's bar moves."""
-    print(TICK, file=sys.stderr, flush=True)
 
 
 def ticks_per_cell(cfg: BenchConfig) -> int:
@@ -149,24 +138,8 @@ def ticks_per_cell(cfg: BenchConfig) -> int:
 
 def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int, tick=lambda: None) -> dict:
     # the cell runs with the parent's malloc mode (the record names it)
-    payload = json.dumps({"cfg": asdict(cfg), "backbone": backbone, "length": length,
-                          "malloc": allocator.active()})
-    proc = subprocess.Popen([sys.executable, "-m", "wmbench.harness.bench", "--cell", payload],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err_lines = []
-    for line in proc.stderr:           # stdout is one JSON line at the end: it cannot fill its pipe
-        if line.strip() == TICK:
-            tick()
-        else:
-            err_lines.append(line)
-    out = proc.stdout.read()
-    rc = proc.wait()
-    if rc != 0:
-        err = "".join(err_lines)
-        last = (err.strip().splitlines() or ["killed"])[-1]
-        oom = rc in (-9, 137) or "out of memory" in err.lower() or "MemoryError" in err
-        return {"error": "OOM" if oom else last}
-    return json.loads(out.strip().splitlines()[-1])
+    return run_cell_subprocess("wmbench.harness.bench", {"cfg": asdict(cfg), "backbone": backbone,
+                                                         "length": length, "malloc": allocator.active()}, tick)
 
 
 def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool = True) -> tuple[dict, str]:

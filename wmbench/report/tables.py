@@ -237,6 +237,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     machines: tables group by hardware, and `machine` keeps only records whose CPU/GPU name contains it."""
     from wmbench.core.errors import UserError
     from wmbench.core.paths import writable_dir
+    from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot
     from wmbench.report.atari import atari_markdown
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f"no run records under {runs_dir} (no such folder)")
@@ -245,10 +246,11 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     records = load_records(runs_dir, skipped=skipped)
     if machine:
         records = [r for r in records if machine.lower() in str(r["environment"].get("device_name", "")).lower()]
-    by_kind = {k: [r for r in records if r["kind"] == k] for k in ("gridworld", "bench", "atari")}
+    by_kind = {k: [r for r in records if r["kind"] == k] for k in ("gridworld", "bench", "atari", "agent-bench")}
     by_kind["gridworld"] = _usable(by_kind["gridworld"], lambda rs: gridworld_table(gridworld_frame(rs)), skipped)
     by_kind["bench"] = _usable(by_kind["bench"], bench_markdown, skipped)
     by_kind["atari"] = _usable(by_kind["atari"], atari_markdown, skipped)
+    by_kind["agent-bench"] = _usable(by_kind["agent-bench"], agent_bench_markdown, skipped)
     messages = [f"warning: skipping {p}: {why}" for p, why in skipped]
     if strict and skipped:
         raise UserError(f"{len(skipped)} unusable record(s), first {skipped[0][0]}: {skipped[0][1]} (--strict)")
@@ -267,6 +269,9 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
         written += gridworld_plots(df, table, out / "plots")
     if by_kind["bench"]:
         written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(by_kind["bench"])))
+    if by_kind["agent-bench"]:
+        written.append(atomic_write_text(out / "tables" / "agent_bench.md", agent_bench_markdown(by_kind["agent-bench"])))
+        written.append(agent_bench_plot(by_kind["agent-bench"], out / "plots" / "agent_bench_phases.png"))
     if by_kind["atari"]:
         written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(by_kind["atari"])))
     if not written:

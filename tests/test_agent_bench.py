@@ -1,0 +1,53 @@
+"""`wmbench bench --agent`: every phase measured and positive, the phases add up to the update, FLOPs
+counted, a record the report turns into a table and a plot; bad options refused before any work."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    d = tmp_path_factory.mktemp("agent-bench")
+    p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", "--size", "tiny",
+                        "--backbones", "gru,mamba2", "--iters", "2", "--warmup", "1", "--threads", "1",
+                        "--no-progress", "--runs-dir", str(d / "runs")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    path = p.stdout.strip().splitlines()[-1].split("record: ")[1]
+    return d, json.loads(open(path).read())
+
+
+def test_every_phase_measured(record):
+    _, rec = record
+    assert rec["kind"] == "agent-bench" and rec["environment"]["torch_threads"] == 1
+    for b in ("gru", "mamba2"):
+        cell = rec["metrics"]["cells"][b]
+        phases = [cell[k]["value"] for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update")]
+        assert all(v > 0 for v in phases)
+        assert len(cell["wm_update"]["samples_ms"]) == 2
+        assert cell["acting"]["value"] > 0 and cell["peak_memory"]["value"] > 0
+        assert cell["update_flops"]["value"] > 1e6 and 0 < cell["fraction_of_matmul_peak"]["value"] < 1
+        assert cell["threads"]["value"] == 1
+        # the update is the median of per-update sums: between the sum of the phase minima and maxima
+        lo = sum(min(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
+        hi = sum(max(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
+        assert lo - 1e-6 <= cell["update"]["value"] <= hi + 1e-6
+
+
+def test_report_table_and_plot(record):
+    from wmbench.report.tables import build_report
+    d, _ = record
+    paths, _ = build_report(d / "runs", d / "out")
+    names = {p.name for p in paths}
+    assert {"agent_bench.md", "agent_bench_phases.png"} <= names
+    text = (d / "out" / "tables" / "agent_bench.md").read_text()
+    assert "| gru |" in text and "| mamba2 |" in text and "imagination: rollout" in text
+
+
+@pytest.mark.parametrize("args,needle", [(["--size", "XXL"], "unknown preset"), (["--backbones", ""], "empty"),
+                                         (["--iters", "0"], "--iters must be")])
+def test_bad_options(args, needle):
+    p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", *args, "--check"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and needle in p.stderr

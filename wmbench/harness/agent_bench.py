@@ -1,0 +1,202 @@
+"""`wmbench bench --agent`: the Drama agent's update and acting, phase by phase, for each backbone.
+
+One cell per backbone (a fresh process: its peak memory is its own). On random frames of the real
+shapes (the preset's batch, sequence, imagination and acting sizes), after `warmup` untimed updates,
+`iters` timed ones, each split into:
+
+    world-model update      wm.train_step on b x l windows (forward, eq. 6-7 loss, backward, optimiser)
+    imagination: context    encoding the b_img x l_img context frames (posterior latents)
+    imagination: rollout    prefill + h imagined steps with the actor (imagine() minus the context part)
+    actor-critic update     losses, backward, optimiser on the imagined trajectories
+    acting                  one env step's action from the acting context (batch 1), ms per env step
+
+FLOPs of one update (torch.utils.flop_counter) over its median time give the achieved rate, and its
+fraction of the dense matmul rate measured here with the same threads. This is the paper's imagination
+wall-clock claim measured backbone by backbone inside the agent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from wmbench.core import allocator
+from wmbench.core.errors import UserError
+from wmbench.core.measure import PeakMemory, matmul_throughput, median, metric
+from wmbench.core.registry import BACKBONES
+from wmbench.harness.cells import run_cell_subprocess, tick
+
+PHASES = ("wm_update", "imagine_context", "imagine_rollout", "ac_update")
+
+
+@dataclass
+class AgentBenchConfig:
+    backbones: list[str] = field(default_factory=lambda: ["mamba2", "mamba", "gru", "transformer"])
+    size: str = "cpu"
+    device: str = "cpu"
+    threads: int = 0              # torch CPU threads in each cell (0: torch's default)
+    warmup: int = 1               # untimed updates first
+    iters: int = 3                # timed updates
+    act_iters: int = 20           # timed acting steps
+    seed: int = 0
+    n_actions: int = 18           # Atari's full action set
+
+
+def check_agent_bench_config(cfg: AgentBenchConfig) -> None:
+    from wmbench.core.device import resolve_device
+    from wmbench.world_model import get_preset
+    if not cfg.backbones:
+        raise UserError("--backbones is empty; valid choices: " + ", ".join(BACKBONES.names()))
+    for name in cfg.backbones:
+        BACKBONES.get(name)
+        get_preset(cfg.size, backbone=name)    # unknown size, or a size the backbone cannot take
+    for flag, v, lo in (("--iters", cfg.iters, 1), ("--warmup", cfg.warmup, 0), ("--threads", cfg.threads, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise UserError(f"{flag} must be an integer >= {lo}, got {v!r}")
+    resolve_device(cfg.device)
+
+
+def ticks_per_cell(cfg: AgentBenchConfig) -> int:
+    return cfg.warmup + cfg.iters + 2          # + the FLOP count and the acting steps
+
+
+def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
+    """Measure one backbone in this process; returns metrics."""
+    from wmbench.agent import ActorCritic
+    from wmbench.agent.acting import ActingContext, policy_actions
+    from wmbench.agent.estimate import _batches
+    from wmbench.world_model import WorldModel, get_preset
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    m = get_preset(cfg.size, backbone=backbone)
+    obs_shape = (m.image_size, m.image_size, m.image_channels)
+    with PeakMemory(dev) as mem:
+        wm, ac = WorldModel(m, cfg.n_actions).to(dev), ActorCritic(m, cfg.n_actions).to(dev)
+        batch, (ctx_obs, ctx_act) = _batches(m, obs_shape, cfg.n_actions, 1.0)
+        n_ctx = m.imag_context - 1 if m.imagine_start == "paper" else m.imag_context
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        def update() -> dict[str, float]:
+            t = {}
+            t0 = time.perf_counter()
+            wm.train_step(batch)
+            sync()
+            t1 = time.perf_counter()
+            wm.eval()
+            with torch.no_grad():
+                wm.encode(torch.as_tensor(ctx_obs[:, :n_ctx], device=dev))   # the context part alone
+            wm.train()
+            sync()
+            t2 = time.perf_counter()
+            img = wm.imagine(ctx_obs, ctx_act, ac)
+            sync()
+            t3 = time.perf_counter()
+            ac.update(img)
+            sync()
+            t4 = time.perf_counter()
+            t["wm_update"], t["imagine_context"] = t1 - t0, t2 - t1
+            t["imagine_rollout"], t["ac_update"] = max((t3 - t2) - (t2 - t1), 0.0), t4 - t3
+            return t
+
+        for _ in range(cfg.warmup):
+            update()
+            tick()
+        runs = []
+        for _ in range(cfg.iters):
+            runs.append(update())
+            tick()
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            wm.train_step(batch)
+            ac.update(wm.imagine(ctx_obs, ctx_act, ac))
+        flops = int(fc.get_total_flops())
+        tick()
+
+        rng = np.random.default_rng(cfg.seed)
+        ctx = ActingContext.for_model(m)
+        ctx.reset(rng.integers(0, 256, obs_shape, dtype=np.uint8))
+        while len(ctx.obs) < ctx.T:
+            ctx.push(int(rng.integers(cfg.n_actions)), rng.integers(0, 256, obs_shape, dtype=np.uint8))
+        act_times = []
+        for i in range(cfg.act_iters + 2):
+            t0 = time.perf_counter()
+            policy_actions(wm, ac, [ctx], greedy=False, rng=rng)
+            sync()
+            if i >= 2:
+                act_times.append(time.perf_counter() - t0)
+        tick()
+
+    out = {}
+    for ph in PHASES:
+        out[ph] = metric(1e3 * median([r[ph] for r in runs]), "ms", f"median of {cfg.iters} updates after "
+                         f"{cfg.warmup} untimed", samples_ms=[1e3 * r[ph] for r in runs])
+    total = median([sum(r.values()) for r in runs])
+    out["update"] = metric(1e3 * total, "ms", "median of the summed phases")
+    out["acting"] = metric(1e3 * median(act_times), "ms per env step",
+                           f"median of {cfg.act_iters} policy_actions calls on a full acting context "
+                           f"({m.act_context} frames), batch 1")
+    out["peak_memory"] = metric(mem.peak_bytes, "bytes", mem.method)
+    out["update_flops"] = metric(flops, "FLOP", "torch.utils.flop_counter over one world-model update, "
+                                 "imagination and actor-critic update")
+    out["achieved_flops"] = metric(flops / total, "FLOP/s", "update_flops / median update time")
+    out["n_params"] = metric(wm.param_counts()["total"] + sum(p.numel() for p in ac.parameters()),
+                             "parameters", "world model + actor-critic")
+    out["threads"] = metric(torch.get_num_threads(), "threads", "torch.get_num_threads() in the cell")
+    return out
+
+
+def run_agent_bench(cfg: AgentBenchConfig, runs_dir="results/runs", progress: bool = True) -> tuple[dict, str]:
+    from tqdm import tqdm
+
+    from wmbench.core.records import make_record, save_record
+    check_agent_bench_config(cfg)
+    results = {}
+    bar = tqdm(total=len(cfg.backbones) * ticks_per_cell(cfg), desc="bench --agent", disable=not progress,
+               unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    for i, b in enumerate(cfg.backbones):
+        bar.set_postfix_str(f"{b} at {cfg.size}")
+        results[b] = run_cell_subprocess("wmbench.harness.agent_bench",
+                                         {"cfg": asdict(cfg), "backbone": b, "malloc": allocator.active()},
+                                         on_tick=lambda: bar.update(1))
+        bar.n = (i + 1) * ticks_per_cell(cfg)
+        bar.refresh()
+    bar.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        peak = matmul_throughput(cfg.device, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    for cell in results.values():
+        if "error" not in cell:
+            cell["fraction_of_matmul_peak"] = metric(cell["achieved_flops"]["value"] / peak, "fraction",
+                                                     "achieved FLOP/s / measured dense fp32 matmul FLOP/s")
+    metrics = {"matmul_throughput": metric(peak, "FLOP/s", "best of repeated 1024^3 fp32 matmuls"),
+               "cells": results}
+    record = make_record("agent-bench", asdict(cfg), metrics, device=cfg.device)
+    if cfg.threads:
+        record["environment"]["torch_threads"] = cfg.threads
+    stamp = record["created_at"].replace(":", "").replace("-", "").replace("+0000", "")
+    path = save_record(record, runs_dir, name=f"agent-bench-{cfg.size}-{stamp}", fallbacks=(".",))
+    return record, str(path)
+
+
+def _cell_main(payload: str) -> None:
+    d = json.loads(payload)
+    allocator.configure(d["malloc"])
+    print(json.dumps(run_cell(AgentBenchConfig(**d["cfg"]), d["backbone"])))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cell", required=True)
+    _cell_main(ap.parse_args().cell)
