@@ -47,17 +47,23 @@ def _add_bench(sub):
 
 
 def _cmd_agent_bench(a) -> int:
-    import json
-    from dataclasses import asdict
-
     from wmbench.core.device import resolve_device
-    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import RecordNotSaved
     from wmbench.harness.agent_bench import AgentBenchConfig, check_agent_bench_config, run_agent_bench
     from wmbench.report.agent_bench import agent_bench_markdown
     cfg = AgentBenchConfig(backbones=a.backbones, size=a.size, device=str(resolve_device(a.device)),
                            threads=a.threads, warmup=a.warmup, iters=a.iters)
     check_agent_bench_config(cfg)
+    return _measure(a, cfg, run_agent_bench, lambda rec: agent_bench_markdown([rec]))
+
+
+def _measure(a, cfg, run, render) -> int:
+    """--check, or: the runs dir made ready, the measurement, its table and record path (exit 1 if the
+    record had to go to a fallback)."""
+    import json
+    from dataclasses import asdict
+
+    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
+    from wmbench.core.records import RecordNotSaved
     if a.check:
         probe_dir(a.runs_dir, "--runs-dir")
         print(json.dumps(asdict(cfg), indent=1))
@@ -65,22 +71,17 @@ def _cmd_agent_bench(a) -> int:
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
     remove_orphans(runs_dir)
     try:
-        record, path = run_agent_bench(cfg, runs_dir=runs_dir, progress=not a.no_progress)
+        record, path = run(cfg, runs_dir=runs_dir, progress=not a.no_progress)
     except RecordNotSaved as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(agent_bench_markdown([record]))
+    print(render(record))
     print(f"record: {path}")
     return 0
 
 
 def _cmd_bench(a) -> int:
-    import json
-    from dataclasses import asdict
-
     from wmbench.core.device import resolve_device
-    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import RecordNotSaved
     from wmbench.harness.bench import BenchConfig, check_bench_config, run_bench
     from wmbench.report.bench import format_table
     if a.agent:
@@ -90,20 +91,7 @@ def _cmd_bench(a) -> int:
                       warmup=a.warmup, step_contexts=a.contexts, threads=a.threads)
     check_bench_config(cfg)
     _check_sizes(cfg.backbones, cfg.d_model, cfg.n_layers)
-    if a.check:
-        probe_dir(a.runs_dir, "--runs-dir")
-        print(json.dumps(asdict(cfg), indent=1))
-        return 0
-    runs_dir = writable_dir(a.runs_dir, "--runs-dir")
-    remove_orphans(runs_dir)
-    try:
-        record, path = run_bench(cfg, runs_dir=runs_dir, progress=not a.no_progress)
-    except RecordNotSaved as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_table(record))
-    print(f"record: {path}")
-    return 0
+    return _measure(a, cfg, run_bench, format_table)
 
 
 def _check_sizes(backbones, d_model, n_layers, **options) -> None:

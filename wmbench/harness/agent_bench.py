@@ -26,9 +26,9 @@ import torch
 
 from wmbench.core import allocator
 from wmbench.core.errors import UserError
-from wmbench.core.measure import PeakMemory, matmul_throughput, median, metric
+from wmbench.core.measure import PeakMemory, median, metric
 from wmbench.core.registry import BACKBONES
-from wmbench.harness.cells import run_cell_subprocess, tick
+from wmbench.harness.cells import matmul_peak, run_cell_subprocess, save_cells_record, tick
 
 PHASES = ("wm_update", "imagine_context", "imagine_rollout", "ac_update")
 
@@ -157,7 +157,6 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
 def run_agent_bench(cfg: AgentBenchConfig, runs_dir="results/runs", progress: bool = True) -> tuple[dict, str]:
     from tqdm import tqdm
 
-    from wmbench.core.records import make_record, save_record
     check_agent_bench_config(cfg)
     results = {}
     bar = tqdm(total=len(cfg.backbones) * ticks_per_cell(cfg), desc="bench --agent", disable=not progress,
@@ -170,24 +169,15 @@ def run_agent_bench(cfg: AgentBenchConfig, runs_dir="results/runs", progress: bo
         bar.n = (i + 1) * ticks_per_cell(cfg)
         bar.refresh()
     bar.close()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
-        peak = matmul_throughput(cfg.device, torch.float32)
-    finally:
-        torch.set_num_threads(threads)
+    peak = matmul_peak(cfg.device, torch.float32, cfg.threads)
     for cell in results.values():
         if "error" not in cell:
             cell["fraction_of_matmul_peak"] = metric(cell["achieved_flops"]["value"] / peak, "fraction",
                                                      "achieved FLOP/s / measured dense fp32 matmul FLOP/s")
     metrics = {"matmul_throughput": metric(peak, "FLOP/s", "best of repeated 1024^3 fp32 matmuls"),
                "cells": results}
-    record = make_record("agent-bench", asdict(cfg), metrics, device=cfg.device)
-    if cfg.threads:
-        record["environment"]["torch_threads"] = cfg.threads
-    stamp = record["created_at"].replace(":", "").replace("-", "").replace("+0000", "")
-    path = save_record(record, runs_dir, name=f"agent-bench-{cfg.size}-{stamp}", fallbacks=(".",))
-    return record, str(path)
+    return save_cells_record("agent-bench", asdict(cfg), metrics, cfg.device, cfg.threads, runs_dir,
+                             f"agent-bench-{cfg.size}")
 
 
 def _cell_main(payload: str) -> None:

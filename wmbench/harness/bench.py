@@ -13,9 +13,9 @@ import torch
 
 from wmbench.core import allocator
 from wmbench.core.errors import UserError
-from wmbench.core.measure import PeakMemory, matmul_throughput, median, metric, time_calls
+from wmbench.core.measure import PeakMemory, median, metric, time_calls
 from wmbench.core.registry import BACKBONES, create_backbone
-from wmbench.harness.cells import run_cell_subprocess, tick
+from wmbench.harness.cells import matmul_peak, run_cell_subprocess, save_cells_record, tick
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -144,7 +144,6 @@ def _run_cell_subprocess(cfg: BenchConfig, backbone: str, length: int, tick=lamb
 
 def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool = True) -> tuple[dict, str]:
     from tqdm import tqdm
-    from wmbench.core.records import make_record, save_record
 
     check_bench_config(cfg)
     cells = [(b, n) for b in cfg.backbones for n in cfg.lengths]
@@ -157,12 +156,7 @@ def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool =
         bar.n = (i + 1) * ticks_per_cell(cfg)    # a failed cell's missing ticks
         bar.refresh()
     bar.close()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)     # the peak at the cells' thread count
-    try:
-        peak = matmul_throughput(cfg.device, DTYPES[cfg.dtype])
-    finally:
-        torch.set_num_threads(threads)
+    peak = matmul_peak(cfg.device, DTYPES[cfg.dtype], cfg.threads)
     for b in results:
         for cell in results[b].values():
             if "error" not in cell:
@@ -171,12 +165,7 @@ def run_bench(cfg: BenchConfig, runs_dir: str = "results/runs", progress: bool =
                     "achieved linear FLOP/s / measured dense matmul FLOP/s")
     metrics = {"matmul_throughput": metric(peak, "FLOP/s", f"best of repeated 1024^3 {cfg.dtype} matmuls"),
                "cells": results}
-    record = make_record("bench", asdict(cfg), metrics, device=cfg.device)
-    if cfg.threads:
-        record["environment"]["torch_threads"] = cfg.threads    # what the cells ran with
-    stamp = record["created_at"].replace(":", "").replace("-", "").replace("+0000", "")
-    path = save_record(record, runs_dir, name=f"bench-{stamp}", fallbacks=(".",))
-    return record, str(path)
+    return save_cells_record("bench", asdict(cfg), metrics, cfg.device, cfg.threads, runs_dir, "bench")
 
 
 def _cell_main(payload: str) -> None:

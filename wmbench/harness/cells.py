@@ -34,3 +34,26 @@ def run_cell_subprocess(module: str, payload: dict, on_tick=lambda: None) -> dic
         oom = rc in (-9, 137) or "out of memory" in err.lower() or "MemoryError" in err
         return {"error": "OOM" if oom else last}
     return json.loads(out.strip().splitlines()[-1])
+
+
+def matmul_peak(device: str, dtype, threads: int) -> float:
+    """The dense matmul FLOP/s at the thread count the cells ran with (0: this process's)."""
+    import torch
+
+    from wmbench.core.measure import matmul_throughput
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return matmul_throughput(device, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def save_cells_record(kind: str, config: dict, metrics: dict, device: str, threads: int, runs_dir, prefix: str):
+    """The harness record: environment with the cells' thread count, saved (with fallbacks) as PREFIX-STAMP."""
+    from wmbench.core.records import make_record, save_record
+    record = make_record(kind, config, metrics, device=device)
+    if threads:
+        record["environment"]["torch_threads"] = threads    # what the cells ran with
+    stamp = record["created_at"].replace(":", "").replace("-", "").replace("+0000", "")
+    return record, str(save_record(record, runs_dir, name=f"{prefix}-{stamp}", fallbacks=(".",)))
