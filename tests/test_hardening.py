@@ -322,3 +322,20 @@ def test_report_counts_a_config_and_seed_once_and_never_mixes_machines(tmp_path)
     build_report(runs, tmp_path / "out2", machine="cpu b")
     table = pd.read_csv(tmp_path / "out2" / "tables" / "gridworld.csv")
     assert list(table.hardware) == ["Test CPU B"]
+
+
+def test_record_saved_nowhere_is_printed(tmp_path, monkeypatch, capsys):
+    """Every folder refuses the record: the error line goes to stderr and the record itself to stdout."""
+    import wmbench.core.records as records
+    from wmbench.cli import main
+
+    def failing(*a, **kw):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(records, "write_record", failing)
+    monkeypatch.chdir(tmp_path)
+    rc = main(TINY_RUN + ["--runs-dir", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("error: ") and "nor to any fallback" in err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["kind"] == "gridworld" and rec["metrics"]["error_pct"]["value"] >= 0

@@ -73,7 +73,7 @@ def _measure(a, cfg, run, render) -> int:
     try:
         record, path = run(cfg, runs_dir=runs_dir, progress=not a.no_progress)
     except RecordNotSaved as e:
-        print(f"error: {e}", file=sys.stderr)
+        e.report()
         return 1
     print(render(record))
     print(f"record: {path}")
@@ -231,7 +231,7 @@ def _cmd_run(a) -> int:
         try:
             print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")
         except RecordNotSaved as e:
-            print(f"error: {e}", file=sys.stderr)
+            e.report()
             failed = True
     return 1 if failed else 0
 

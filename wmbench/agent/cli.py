@@ -115,8 +115,11 @@ def main_atari(a: argparse.Namespace) -> int:
         return 0
     try:
         summary = train(cfg, progress=not a.no_progress, estimate=not a.no_estimate, force=a.force)
-    except (NonFiniteLossError, RecordNotSaved) as e:
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RecordNotSaved as e:
+        e.report()
         return 1
     if summary["stopped"]:
         return 130

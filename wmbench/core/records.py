@@ -149,11 +149,20 @@ def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", nam
 
 
 class RecordNotSaved(OSError):
-    """The record could not be written where asked; `saved_to` says where it went instead."""
+    """The record could not be written where asked; `saved_to` says where it went instead, or, when it
+    could be written nowhere, `record_text` holds it for the caller to print."""
 
-    def __init__(self, msg: str, saved_to: Path | None):
+    def __init__(self, msg: str, saved_to: Path | None, record_text: str | None = None):
         super().__init__(msg)
         self.saved_to = saved_to
+        self.record_text = record_text
+
+    def report(self) -> None:
+        """One `error:` line on stderr; the record itself on stdout if it was saved nowhere."""
+        import sys
+        print(f"error: {self}", file=sys.stderr)
+        if self.record_text is not None:
+            print(self.record_text)
 
 
 def save_record(record: dict, runs_dir: str | os.PathLike, name: str, fallbacks: tuple = ()) -> Path:
@@ -170,8 +179,8 @@ def save_record(record: dict, runs_dir: str | os.PathLike, name: str, fallbacks:
         except OSError:
             continue
         raise RecordNotSaved(f"{first}; saved it to {path} instead", path)
-    raise RecordNotSaved(f"{first}, nor to any fallback folder; the record follows on stdout:\n"
-                         + json.dumps(record, default=_jsonable), None)
+    raise RecordNotSaved(f"{first}, nor to any fallback folder; the record follows on stdout", None,
+                         json.dumps(record, default=_jsonable))
 
 
 def _jsonable(o: Any):
