@@ -333,7 +333,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False
     D = torch.zeros(h, dtype=sd, device=x.device) if D is None else D.to(sd)
     h0 = (torch.zeros(b, h, p, n, dtype=sd, device=x.device) if initial_states is None
           else initial_states.to(sd))
+    # as many chunks as chunk_size asks for, evened out over l: a 7-step prefill is one chunk of 7, not
+    # 7 steps padded to 32 (the result does not depend on the chunk length, only the work does)
     Q = int(chunk_size)
+    Q = -(-l // -(-l // Q)) if l > 0 else Q
     pad = (-l) % Q
     if pad:   # zero discretised input (dt = 0: decay 1, no input) keeps the final state exact
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
