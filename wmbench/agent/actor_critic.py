@@ -198,6 +198,7 @@ class ActorCritic(TrainState, nn.Module):
         FloatingPointError (parameters untouched) if a loss or the gradient norm is not finite."""
         cfg = self.cfg
         s = self._check_states(imagined.states).detach()             # (B, H+1, S)
+        s_t = s[:, :-1].contiguous()   # (B, H, S): a strided slice would make each linear a broadcast bmm
         a = torch.as_tensor(imagined.actions, device=self.device).long()
         r = torch.as_tensor(imagined.rewards, device=self.device).float()
         c = torch.as_tensor(imagined.continues, device=self.device).float()
@@ -206,7 +207,7 @@ class ActorCritic(TrainState, nn.Module):
             v = self.value(s)                                          # (B, H+1)
             R = lambda_return(r, c, v, cfg.gamma, cfg.lam, cfg.lambda_return)        # (B, H)
             if cfg.critic_target == "dreamerv3":
-                slow_target = self.value(s[:, :-1], slow=True)
+                slow_target = self.value(s_t, slow=True)
             else:
                 slow_target = lambda_return(r, c, self.value(s, slow=True), cfg.gamma, cfg.lam,
                                             cfg.lambda_return)
@@ -214,12 +215,12 @@ class ActorCritic(TrainState, nn.Module):
             check_finite({"return_mean": R.mean(), "slow_target_mean": slow_target.mean()}, "actor-critic loss")
             scale = self.return_norm.update(R)
             adv = (R - v[:, :-1]) / scale
-        logp = self.logprobs(s[:, :-1])                                # (B, H, A)
+        logp = self.logprobs(s_t)                                      # (B, H, A)
         logp_a = logp.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
         policy_loss = -(logp_a * adv).mean()
         entropy_loss = -cfg.entropy * entropy.mean()
-        critic_logits = self.critic_logits(s[:, :-1])
+        critic_logits = self.critic_logits(s_t)
         value_loss = self.twohot.loss(critic_logits, R) + self.twohot.loss(critic_logits, slow_target)
         loss = policy_loss + entropy_loss + value_loss
         out = check_finite({"ac_loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
