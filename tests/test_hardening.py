@@ -339,3 +339,24 @@ def test_record_saved_nowhere_is_printed(tmp_path, monkeypatch, capsys):
     assert rc == 1 and err.strip().splitlines()[-1].startswith("error: ") and "nor to any fallback" in err
     rec = json.loads(out.strip().splitlines()[-1])
     assert rec["kind"] == "gridworld" and rec["metrics"]["error_pct"]["value"] >= 0
+
+
+def test_wall_time_includes_the_final_evaluation(tmp_path, monkeypatch):
+    """The record's wall_time says 'the final evaluation included': a 3 s final evaluation shows in it."""
+    import wmbench.agent.train as train_mod
+    from wmbench.agent.config import resolve_config
+    real, started = train_mod.evaluate, []
+
+    def slow_evaluate(*a, **kw):
+        started.append(time.perf_counter())
+        time.sleep(3.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate", slow_evaluate)
+    cfg = resolve_config("tiny", game="gridgoal", steps=24, warmup_steps=20, eval_every=0, final_eval_episodes=1,
+                         checkpoint_every=0, threads=1, run_dir=str(tmp_path / "run"),
+                         runs_dir=str(tmp_path / "rec"), env_options={"episode_length": 10})
+    t0 = time.perf_counter()
+    out = train_mod.train(cfg, progress=False)
+    assert len(started) == 1
+    assert out["metrics"]["wall_time"]["value"] >= (started[0] - t0) + 3.0

@@ -49,7 +49,8 @@ def run_record(run, final: EvalResult) -> dict:
         "s_per_update": {"value": p.update_time_s / max(n_updates, 1), "unit": "s",
                          "method": "mean wall time of one world-model update + imagination + agent update"},
         "wall_time": {"value": elapsed, "unit": "s",
-                      "method": "sum over sessions (resumes), the final evaluation included"},
+                      "method": "sum over sessions (resumes), each from the command's start (setup, "
+                                "estimate, training, the final evaluation)"},
     }
     choices = [{"field": f, "value": getattr(mcfg, f), "paper": p, "code": c, "what": what}
                for f, p, c, what in PAPER_VS_CODE]

@@ -75,6 +75,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None,
 
 
 def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate: bool, force: bool) -> dict:
+    t_start = time.perf_counter()          # wall_time counts this session from here: setup included
     cfg = check_config(cfg)
     print(banner(cfg), file=sys.stderr, flush=True)
     run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
@@ -90,7 +91,7 @@ def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate:
     elif measure_threads:
         cfg.auto_choices["threads"] = f"{torch.get_num_threads()}, torch's default (not measured: no estimate)"
     log = RunLog(run, show_progress)
-    last_save_t = run.t_session = time.perf_counter()
+    run.t_session, last_save_t = t_start, time.perf_counter()
     stopped = False
     try:
         with StopFlag() as stop:
