@@ -206,8 +206,9 @@ def _cmd_run(a) -> int:
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
     remove_orphans(runs_dir)
     failed = False
+    existing = [] if a.force else _records_of(runs_dir, "gridworld")   # read once, not once per seed
     for cfg in cfgs:
-        done = None if a.force else _existing_record(runs_dir, "gridworld", cfg.to_dict())
+        done = _existing_record(existing, cfg.to_dict())
         if done is not None:
             print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: already done (--force runs it again)")
             print(f"record: {done}")
@@ -246,16 +247,20 @@ def _check_seeds(seeds: list[int]) -> None:
         raise ValueError(f"--seeds must be >= 0, got {min(seeds)}")
 
 
-def _existing_record(runs_dir, kind: str, config: dict) -> str | None:
-    """The newest record of `kind` in runs_dir made with exactly `config`, or None."""
-    import json
+def _records_of(runs_dir, kind: str) -> list[dict]:
     import warnings
 
     from wmbench.core.records import load_records
-    want = json.loads(json.dumps(config, default=str))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # foreign files are the report's business
-        recs = [r for r in load_records(runs_dir, kind=kind) if r.get("config") == want]
+        return load_records(runs_dir, kind=kind)
+
+
+def _existing_record(records: list[dict], config: dict) -> str | None:
+    """The newest of `records` made with exactly `config`, or None."""
+    import json
+    want = json.loads(json.dumps(config, default=str))
+    recs = [r for r in records if r.get("config") == want]
     return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wmbench.agent import ActorCritic
-from wmbench.agent.estimate import _batches
+from wmbench.agent.estimate import random_batches
 from wmbench.world_model import WorldModel, get_preset
 
 N_ACTIONS = 18
@@ -19,7 +19,7 @@ def agent(request):
     torch.manual_seed(0)
     m = get_preset("cpu", backbone=request.param)
     wm, ac = WorldModel(m, N_ACTIONS), ActorCritic(m, N_ACTIONS)
-    batch, ctx = _batches(m, (m.image_size, m.image_size, m.image_channels), N_ACTIONS, 1.0)
+    batch, ctx = random_batches(m, (m.image_size, m.image_size, m.image_channels), N_ACTIONS, 1.0)
     return wm, ac, batch, ctx
 
 

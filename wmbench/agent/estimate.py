@@ -50,7 +50,7 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         wm, ac = WorldModel(mcfg, n_actions).to(device), ActorCritic(mcfg, n_actions).to(device)
-        batches = {f: _batches(mcfg, obs_shape, n_actions, f) for f in FRACTIONS}
+        batches = {f: random_batches(mcfg, obs_shape, n_actions, f) for f in FRACTIONS}
 
         def timed(f: float) -> float:
             t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def extrapolate(t1: float, t2: float, f1: float = FRACTIONS[0], f2: float = FRAC
     return t1 + slope * (1.0 - f1)
 
 
-def _batches(mcfg, obs_shape: tuple, n_actions: int, f: float):
+def random_batches(mcfg, obs_shape: tuple, n_actions: int, f: float):
     """A world-model batch and an imagination context at fraction f of the real batch sizes."""
     rng = np.random.default_rng(0)
     b, bi = max(1, round(mcfg.batch_size * f)), max(1, round(mcfg.imag_batch * f))

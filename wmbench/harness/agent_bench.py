@@ -68,7 +68,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
     """Measure one backbone in this process; returns metrics."""
     from wmbench.agent import ActorCritic
     from wmbench.agent.acting import ActingContext, policy_actions
-    from wmbench.agent.estimate import _batches
+    from wmbench.agent.estimate import random_batches
     from wmbench.world_model import WorldModel, get_preset
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -78,7 +78,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
     obs_shape = (m.image_size, m.image_size, m.image_channels)
     with PeakMemory(dev) as mem:
         wm, ac = WorldModel(m, cfg.n_actions).to(dev), ActorCritic(m, cfg.n_actions).to(dev)
-        batch, (ctx_obs, ctx_act) = _batches(m, obs_shape, cfg.n_actions, 1.0)
+        batch, (ctx_obs, ctx_act) = random_batches(m, obs_shape, cfg.n_actions, 1.0)
         n_ctx = m.imag_context - 1 if m.imagine_start == "paper" else m.imag_context
 
         def sync():
