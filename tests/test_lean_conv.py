@@ -1,0 +1,112 @@
+"""The memory-lean conv stack (BN -> SiLU -> Conv as one autograd node) against plain autograd."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from wmbench.world_model import WorldModel, get_preset, lean_conv
+from wmbench.world_model.networks import Decoder, Encoder
+
+
+def _plain(monkeypatch):
+    monkeypatch.setattr(lean_conv, "usable", lambda x, m: False)
+
+
+def _pair(cfg):
+    torch.manual_seed(0)
+    enc = Encoder(cfg)
+    dec = Decoder(cfg, enc.out_shape)
+    return enc, dec
+
+
+def _run(enc, dec, x):
+    feats = enc(x)
+    proj = torch.Generator().manual_seed(2)
+    z = torch.tanh(feats @ torch.randn(feats.shape[1], dec.fc.in_features, generator=proj))
+    out = dec(z)
+    loss = (out - x).pow(2).sum() + feats.square().mean()
+    loss.backward()
+    return loss.detach(), out.detach()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "XS"])
+def test_lean_stack_equals_plain_autograd(preset, monkeypatch):
+    cfg = get_preset(preset)
+    cfg.enc_filters = tuple(min(f, 16) for f in cfg.enc_filters)  # narrow: the test is about the wiring
+    lean = _pair(cfg)
+    plain = copy.deepcopy(lean)
+    torch.manual_seed(1)
+    s = cfg.image_size // cfg.obs_pool
+    x = torch.rand(6, cfg.image_channels, s, s)
+    loss_lean, out_lean = _run(*lean, x)
+    with monkeypatch.context() as m:
+        _plain(m)
+        loss_plain, out_plain = _run(*plain, x)
+    assert torch.equal(out_lean, out_plain)             # same ATen kernels forward: bit-identical
+    assert torch.equal(loss_lean, loss_plain)
+    for (name, p), q in zip(lean[0].named_parameters(), plain[0].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"encoder {name}")
+    for (name, p), q in zip(lean[1].named_parameters(), plain[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"decoder {name}")
+    for (name, b), c in zip(list(lean[0].named_buffers()) + list(lean[1].named_buffers()),
+                            list(plain[0].buffers()) + list(plain[1].buffers())):
+        assert torch.equal(b, c), name                  # running statistics and batch counters
+
+
+def test_world_model_updates_match_plain_autograd(monkeypatch):
+    """Three optimiser steps of the world model: the same losses to 1e-5 with and without the lean stack."""
+    from wmbench.agent.estimate import random_batches
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    wm_lean = WorldModel(cfg, 6)
+    wm_plain = copy.deepcopy(wm_lean)
+    batches = [random_batches(cfg, (cfg.image_size, cfg.image_size, cfg.image_channels), 6, 1.0)[0]
+               for _ in range(3)]
+    torch.manual_seed(5)
+    lean = [wm_lean.train_step(b) for b in batches]
+    with monkeypatch.context() as m:
+        _plain(m)
+        torch.manual_seed(5)
+        plain = [wm_plain.train_step(b) for b in batches]
+    for a, b in zip(lean, plain):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+def test_lean_stack_keeps_one_tensor_per_layer():
+    """What autograd keeps for backward: about a third of the plain stack's activations."""
+    cfg = get_preset("XS")
+    enc, dec = _pair(cfg)
+    x = torch.rand(8, 3, 64, 64)
+
+    def saved_bytes(fn):
+        total = [0]
+
+        def pack(t):   # activations only (parameters are kept either way)
+            if t.dim() == 4 and t.shape[0] == x.shape[0]:
+                total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return total[0]
+    lean = saved_bytes(lambda: _run(enc, dec, x))
+    with pytest.MonkeyPatch.context() as m:
+        _plain(m)
+        plain = saved_bytes(lambda: _run(enc, dec, x))
+    assert lean < 0.4 * plain, (lean, plain)
+
+
+def test_eval_and_no_grad_take_the_plain_modules():
+    cfg = get_preset("tiny")
+    enc, _ = _pair(cfg)
+    x = torch.rand(2, cfg.image_channels, cfg.image_size // cfg.obs_pool, cfg.image_size // cfg.obs_pool)
+    assert lean_conv.usable(x, enc)
+    with torch.no_grad():
+        assert not lean_conv.usable(x, enc)
+    enc.eval()
+    assert not lean_conv.usable(x, enc)
+    enc.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lean_conv.usable(x, enc)

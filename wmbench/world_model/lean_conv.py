@@ -1,0 +1,107 @@
+"""Memory-lean training forward for the conv encoder and decoder: BatchNorm -> SiLU -> Conv as one
+autograd node that keeps only its input.
+
+Plain autograd keeps three full-resolution tensors per layer for the backward pass: the conv output
+(for BatchNorm), the normalised one (for SiLU) and the activation (for the next conv's weight gradient).
+At XS the world-model batch is 16 x 128 = 2,048 frames, so the 16 x 64 x 64 layers alone hold 1.6 GB in
+the encoder and as much in the decoder (6.4 GB saved in all, measured).
+
+`bn_silu_conv` keeps only the conv output c (and BatchNorm's per-channel mean and 1/std). The backward
+pass recomputes BN(c) and SiLU from it (two element-wise passes, no matmul) and then calls the very
+kernels autograd would have called: `convolution_backward`, `silu_backward`,
+`native_batch_norm_backward`. The forward pass is the same ATen calls as the nn.Modules', so losses,
+parameters and running statistics are bit-identical to the plain stack, and the gradients are equal
+up to float rounding (tests/test_lean_conv.py). Used for training in fp32; eval mode, autocast and
+no-grad calls take the ordinary modules.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+aten = torch.ops.aten
+
+
+def _bn_train(bn: nn.BatchNorm2d, c: torch.Tensor):
+    """BatchNorm2d's training forward (ATen's kernel), running statistics updated as the module does."""
+    momentum = bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:   # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return aten.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                  momentum if momentum is not None else 0.0, bn.eps)
+
+
+class _BNSiLUConv(torch.autograd.Function):
+    """out = conv(SiLU(BN(c))) (conv may be None: out = SiLU(BN(c))). Saves c, not the two activations."""
+
+    @staticmethod
+    def forward(ctx, c, gamma, beta, weight, bias, bn, conv):
+        a, mean, invstd = _bn_train(bn, c)
+        y = aten.silu_(a)                      # in place: BN's output is not kept
+        ctx.bn, ctx.conv = bn, conv
+        ctx.save_for_backward(c, gamma, beta, mean, invstd, weight)
+        if conv is None:
+            return y
+        return aten.convolution(y, weight, bias, *_conv_args(conv))
+
+    @staticmethod
+    def backward(ctx, g_out):
+        c, gamma, beta, mean, invstd, weight = ctx.saved_tensors
+        bn, conv = ctx.bn, ctx.conv
+        # recompute BN(c) with the same kernel (no running statistics touched), then SiLU
+        a = aten.native_batch_norm(c, gamma, beta, None, None, True, 0.0, bn.eps)[0]
+        g_w = g_b = None
+        if conv is None:
+            g_y = g_out
+        else:   # weight gradient first, so that SiLU's output is freed before the input gradient exists
+            need = ctx.needs_input_grad
+            if need[3] or need[4]:
+                y = aten.silu(a)
+                _, g_w, g_b = aten.convolution_backward(
+                    g_out, y, weight, _bias_sizes(conv), *_conv_args(conv),
+                    [False, need[3], need[4] and conv.bias is not None])
+                del y
+            g_y = aten.convolution_backward(g_out, a, weight, None, *_conv_args(conv), [True, False, False])[0]
+        g_a = aten.silu_backward.grad_input(g_y, a, grad_input=g_y) if conv is not None else aten.silu_backward(g_y, a)
+        del a, g_y
+        g_c, g_gamma, g_beta = aten.native_batch_norm_backward(
+            g_a, c, gamma, None, None, mean, invstd, True, bn.eps, [True, gamma is not None, beta is not None])
+        return g_c, g_gamma, g_beta, g_w, g_b, None, None
+
+
+def _bias_sizes(conv: nn.Module):
+    if conv.bias is None:
+        return None
+    return [conv.bias.shape[0]]
+
+
+def _conv_args(conv: nn.Module) -> tuple:
+    """(stride, padding, dilation, transposed, output_padding, groups) of a Conv2d / ConvTranspose2d."""
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    out_pad = list(conv.output_padding) if transposed else [0, 0]
+    return (list(conv.stride), list(conv.padding), list(conv.dilation), transposed, out_pad, conv.groups)
+
+
+def usable(x: torch.Tensor, module: nn.Module) -> bool:
+    """The lean path serves fp32 training with autograd; anything else takes the plain modules."""
+    return (module.training and torch.is_grad_enabled() and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def bn_silu_conv(c: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Module | None) -> torch.Tensor:
+    """conv(SiLU(bn(c))) in training mode, keeping only c for the backward pass."""
+    if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":
+        raise ValueError("bn_silu_conv supports zero padding only")
+    w = conv.weight if conv is not None else None
+    b = conv.bias if conv is not None else None
+    return _BNSiLUConv.apply(c, bn.weight, bn.bias, w, b, bn, conv)
+
+
+def run_stack(x: torch.Tensor, first: nn.Module | None, blocks: list) -> torch.Tensor:
+    """x -> first(x) -> for (bn, conv) in blocks: conv(SiLU(bn(.))) with conv None for a last BN-SiLU."""
+    c = first(x) if first is not None else x
+    for bn, conv in blocks:
+        c = bn_silu_conv(c, bn, conv)
+    return c
