@@ -12,7 +12,7 @@ def record(tmp_path_factory):
     d = tmp_path_factory.mktemp("agent-bench")
     p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", "--size", "tiny",
                         "--backbones", "gru,mamba2", "--iters", "2", "--warmup", "1", "--threads", "1",
-                        "--no-progress", "--runs-dir", str(d / "runs")], capture_output=True, text=True, timeout=600)
+                        "--replay-capacity", "5000", "--no-progress", "--runs-dir", str(d / "runs")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     path = p.stdout.strip().splitlines()[-1].split("record: ")[1]
     return d, json.loads(open(path).read())
@@ -29,6 +29,12 @@ def test_every_phase_measured(record):
         assert cell["acting"]["value"] > 0 and cell["peak_memory"]["value"] > 0
         assert cell["update_flops"]["value"] > 1e6 and 0 < cell["fraction_of_matmul_peak"]["value"] < 1
         assert cell["threads"]["value"] == 1
+        # a full replay buffer of the given capacity was resident, and the batches came from it
+        from wmbench.world_model import get_preset
+        m = get_preset("tiny")
+        assert cell["replay_bytes"]["value"] == 5000 * m.image_size ** 2 * m.image_channels
+        assert cell["peak_memory"]["value"] >= cell["replay_bytes"]["value"]
+        assert cell["replay_sample"]["value"] > 0
         # the update is the median of per-update sums: between the sum of the phase minima and maxima
         lo = sum(min(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
         hi = sum(max(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
@@ -46,7 +52,8 @@ def test_report_table_and_plot(record):
 
 
 @pytest.mark.parametrize("args,needle", [(["--size", "XXL"], "unknown preset"), (["--backbones", ""], "empty"),
-                                         (["--iters", "0"], "--iters must be")])
+                                         (["--iters", "0"], "--iters must be"),
+                                         (["--replay-capacity", "-1"], "--replay-capacity must be")])
 def test_bad_options(args, needle):
     p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", *args, "--check"],
                        capture_output=True, text=True)

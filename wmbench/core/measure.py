@@ -101,6 +101,7 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self._proc.memory_info().rss)
         self.peak_bytes = int(self._peak - self._base)
+        self.peak_total_bytes = int(self._peak)      # the process's peak RSS inside the block
 
 
 def matmul_throughput(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

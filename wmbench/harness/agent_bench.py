@@ -44,6 +44,8 @@ class AgentBenchConfig:
     act_iters: int = 20           # timed acting steps
     seed: int = 0
     n_actions: int = 18           # Atari's full action set
+    replay_capacity: int = 100_000  # a full replay buffer of the run's size is in memory (0: none); the
+                                    # batches are sampled from it by the run's DFS sampler
 
 
 def check_agent_bench_config(cfg: AgentBenchConfig) -> None:
@@ -54,10 +56,28 @@ def check_agent_bench_config(cfg: AgentBenchConfig) -> None:
     for name in cfg.backbones:
         BACKBONES.get(name)
         get_preset(cfg.size, backbone=name)    # unknown size, or a size the backbone cannot take
-    for flag, v, lo in (("--iters", cfg.iters, 1), ("--warmup", cfg.warmup, 0), ("--threads", cfg.threads, 0)):
+    for flag, v, lo in (("--iters", cfg.iters, 1), ("--warmup", cfg.warmup, 0), ("--threads", cfg.threads, 0),
+                        ("--replay-capacity", cfg.replay_capacity, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise UserError(f"{flag} must be an integer >= {lo}, got {v!r}")
     resolve_device(cfg.device)
+
+
+def full_replay(cfg: AgentBenchConfig, m, obs_shape: tuple):
+    """A replay buffer of the run's capacity, every slot written (so its pages are resident, as at the end
+    of a run), with random frames and actions."""
+    from wmbench.agent.replay import make_replay
+    rng = np.random.default_rng(cfg.seed)
+    replay = make_replay("dfs", cfg.replay_capacity, batch_size=m.batch_size, imagine_batch_size=m.imag_batch,
+                         seed=cfg.seed)
+    block = rng.integers(0, 256, (min(1000, cfg.replay_capacity),) + obs_shape, dtype=np.uint8)
+    for i in range(0, cfg.replay_capacity, len(block)):
+        n = min(len(block), cfg.replay_capacity - i)
+        replay.obs[i:i + n] = block[:n]
+    replay.action[:] = rng.integers(0, cfg.n_actions, cfg.replay_capacity)
+    replay.size = replay.n_added = cfg.replay_capacity
+    replay.ptr = 0
+    return replay
 
 
 def ticks_per_cell(cfg: AgentBenchConfig) -> int:
@@ -79,6 +99,17 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
     with PeakMemory(dev) as mem:
         wm, ac = WorldModel(m, cfg.n_actions).to(dev), ActorCritic(m, cfg.n_actions).to(dev)
         batch, (ctx_obs, ctx_act) = random_batches(m, obs_shape, cfg.n_actions, 1.0)
+        replay = full_replay(cfg, m, obs_shape) if cfg.replay_capacity else None
+        sample_s = []
+
+        def draw():
+            nonlocal batch, ctx_obs, ctx_act
+            if replay is not None:
+                t = time.perf_counter()
+                batch = replay.sample(m.batch_size, m.batch_length)
+                ctx = replay.sample(m.imag_batch, m.imag_context, imagination=True)
+                ctx_obs, ctx_act = ctx["obs"], ctx["action"]
+                sample_s.append(time.perf_counter() - t)
         n_ctx = m.imag_context - 1 if m.imagine_start == "paper" else m.imag_context
 
         def sync():
@@ -86,6 +117,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
                 torch.cuda.synchronize(dev)
 
         def update() -> dict[str, float]:
+            draw()
             t = {}
             t0 = time.perf_counter()
             wm.train_step(batch)
@@ -144,7 +176,12 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
     out["acting"] = metric(1e3 * median(act_times), "ms per env step",
                            f"median of {cfg.act_iters} policy_actions calls on a full acting context "
                            f"({m.act_context} frames), batch 1")
-    out["peak_memory"] = metric(mem.peak_bytes, "bytes", mem.method)
+    out["peak_memory"] = metric(mem.peak_bytes, "bytes", mem.method + (
+        f", replay buffer of {cfg.replay_capacity:,} frames included" if replay is not None else ""))
+    if replay is not None:
+        out["replay_bytes"] = metric(int(replay.obs.nbytes), "bytes", "the replay buffer's frames (full)")
+        out["replay_sample"] = metric(1e3 * median(sample_s), "ms", "median DFS draw + gather of one world-model "
+                                      "batch and one imagination context batch (not in the phases)")
     out["update_flops"] = metric(flops, "FLOP", "torch.utils.flop_counter over one world-model update, "
                                  "imagination and actor-critic update")
     out["achieved_flops"] = metric(flops / total, "FLOP/s", "update_flops / median update time")
