@@ -57,3 +57,28 @@ def test_report_cli_empty_dir_is_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "wmbench.cli", "report", "--runs-dir", str(tmp_path / "none"),
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no run records" in p.stderr
+
+
+def _atari_record(seed: int, returns: list, evals=(), final=None) -> dict:
+    episodes = [{"step": 1000 * (i + 1), "return": float(r), "length": 900} for i, r in enumerate(returns)]
+    metrics = {"score": metric(float(sum(returns[-5:]) / len(returns[-5:])), "return")}
+    if final is not None:
+        metrics["final_eval_return"] = metric(final, "return", n=16, std=1.0)
+    rec = make_record("atari", {"game": "Krull", "backbone": "mamba2", "sampler": "dfs", "dfs_mode": "official",
+                                "size": "cpu", "steps": 1000 * len(returns), "seed": seed}, metrics)
+    rec["episodes"] = episodes
+    rec["eval_history"] = [{"step": s, "mean": m} for s, m in evals]
+    return rec
+
+
+def test_learning_curves_drawn_from_records(tmp_path):
+    """One PNG per game from the records' episodes; a run with fewer than 5 episodes is not drawn."""
+    import matplotlib.image
+    from wmbench.report.atari import learning_curves
+    recs = [_atari_record(0, [1500, 2000, 2500, 3000, 3500, 4000], [(5000, 3100.0)], final=3900.0),
+            _atari_record(1, [1600, 1900, 2600, 2900, 3600], final=3500.0)]
+    paths = learning_curves(recs, tmp_path)
+    assert [p.name for p in paths] == ["atari_curves_Krull.png"]
+    img = matplotlib.image.imread(paths[0])
+    assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0   # a real picture, not blank
+    assert learning_curves([_atari_record(2, [1, 2, 3, 4])], tmp_path / "few") == []

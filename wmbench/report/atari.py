@@ -111,3 +111,61 @@ def atari_markdown(records: list[dict]) -> str:
                          f"{mean(lambda r: _eval_ref(r, grid))} | | {key[5]} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def learning_curves(records: list[dict], plots_dir) -> list:
+    """One PNG per Atari game (`atari_curves_<game>.png`): each seed's training-episode returns against
+    env steps (dots, and a 5-episode running mean: the paper's score read along the run), the in-training
+    evaluations (open markers), the final evaluation (a star at the last step), and the random and human
+    scores. Runs differing in more than the seed get separate colours, seeds separate line styles. Only
+    runs with at least 5 training episodes (the score's window) are drawn. Returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+    from wmbench.report.tables import _savefig
+    from wmbench.tasks.atari import reference_scores
+
+    refs = reference_scores()
+    by_game: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in records:
+        if r.get("kind") == "atari" and len(r.get("episodes") or []) >= 5 and r["config"].get("game") != "gridgoal":
+            by_game[r["config"]["game"]].append(r)
+    paths = []
+    for game, recs in sorted(by_game.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        configs = sorted({_curve_label(r) for r in recs})
+        colours = dict(zip(configs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+        markers, styles = "os^vD<>", ["-", "--", "-.", ":"]
+        for i, r in enumerate(sorted(recs, key=lambda r: (_curve_label(r), r["config"].get("seed")))):
+            label, seed = _curve_label(r), r["config"].get("seed")
+            steps = np.array([e["step"] for e in r["episodes"]], float)
+            rets = np.array([e["return"] for e in r["episodes"]], float)
+            c = colours[label]
+            ax.plot(steps, rets, markers[i % len(markers)], color=c, alpha=0.35, ms=4)
+            run5 = [rets[max(0, k - 4):k + 1].mean() for k in range(len(rets))]
+            ax.plot(steps, run5, styles[i % len(styles)], color=c, lw=1.5, label=f"{label} seed {seed}: last-5 mean")
+            ev = r.get("eval_history") or []
+            if ev:
+                ax.plot([e["step"] for e in ev], [e["mean"] for e in ev], markers[i % len(markers)],
+                        color=c, mfc="none", ms=9, mew=1.5, label=f"{label} seed {seed}: evaluation")
+            final = _m(r, "final_eval_return")
+            if final is not None:
+                ax.plot([r["config"].get("steps")], [final], "*", color=c, ms=13, mec="k", mew=0.6,
+                        label=f"{label} seed {seed}: final evaluation ({_m(r, 'final_eval_return', 'n')} games)")
+        if game in refs:
+            rnd, human = refs[game]
+            ax.axhline(rnd, color="k", ls="--", lw=1, label=f"random policy ({rnd:g})")
+            ax.axhline(human, color="k", ls=":", lw=1, label=f"human ({human:g})")
+        ax.set_xlabel("env steps (agent steps of 4 frames)")
+        ax.set_ylabel("episode return")
+        ax.set_title(f"{game}: training episodes (dots), their 5-episode running mean, evaluations")
+        ax.legend(fontsize=7, loc="best")
+        paths.append(_savefig(fig, Path(plots_dir) / f"atari_curves_{game}.png"))
+        plt.close(fig)
+    return paths
+
+
+def _curve_label(r: dict) -> str:
+    c = r["config"]
+    return f"{c.get('backbone')} {_sampler(c)} {c.get('size')}"

@@ -3,6 +3,7 @@
 Grid world -> results/tables/gridworld.{md,csv} laid out like the paper's Table 2 (method x length:
 train ms/step, memory, error mean ± std over seeds) with the paper's values in adjacent columns, and
 plots under results/plots/. Bench records -> results/tables/bench.md. Atari records -> atari.md.
+Peer-bench records (`wmbench bench --peers`) -> results/tables/peers.md.
 The report reads nothing but the records (and the paper's numbers shipped in wmbench/data).
 """
 from __future__ import annotations
@@ -238,7 +239,8 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     from wmbench.core.errors import UserError
     from wmbench.core.paths import writable_dir
     from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot
-    from wmbench.report.atari import atari_markdown
+    from wmbench.report.atari import atari_markdown, learning_curves
+    from wmbench.report.peers import peers_markdown
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f"no run records under {runs_dir} (no such folder)")
     out = writable_dir(out_dir, "--out")
@@ -246,11 +248,13 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     records = load_records(runs_dir, skipped=skipped)
     if machine:
         records = [r for r in records if machine.lower() in str(r["environment"].get("device_name", "")).lower()]
-    by_kind = {k: [r for r in records if r["kind"] == k] for k in ("gridworld", "bench", "atari", "agent-bench")}
+    by_kind = {k: [r for r in records if r["kind"] == k]
+               for k in ("gridworld", "bench", "atari", "agent-bench", "peer-bench")}
     by_kind["gridworld"] = _usable(by_kind["gridworld"], lambda rs: gridworld_table(gridworld_frame(rs)), skipped)
     by_kind["bench"] = _usable(by_kind["bench"], bench_markdown, skipped)
     by_kind["atari"] = _usable(by_kind["atari"], atari_markdown, skipped)
     by_kind["agent-bench"] = _usable(by_kind["agent-bench"], agent_bench_markdown, skipped)
+    by_kind["peer-bench"] = _usable(by_kind["peer-bench"], peers_markdown, skipped)
     messages = [f"warning: skipping {p}: {why}" for p, why in skipped]
     if strict and skipped:
         raise UserError(f"{len(skipped)} unusable record(s), first {skipped[0][0]}: {skipped[0][1]} (--strict)")
@@ -272,8 +276,11 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     if by_kind["agent-bench"]:
         written.append(atomic_write_text(out / "tables" / "agent_bench.md", agent_bench_markdown(by_kind["agent-bench"])))
         written.append(agent_bench_plot(by_kind["agent-bench"], out / "plots" / "agent_bench_phases.png"))
+    if by_kind["peer-bench"]:
+        written.append(atomic_write_text(out / "tables" / "peers.md", peers_markdown(by_kind["peer-bench"])))
     if by_kind["atari"]:
         written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(by_kind["atari"])))
+        written += learning_curves(by_kind["atari"], out / "plots")
     if not written:
         raise FileNotFoundError(f"no usable run records under {runs_dir}"
                                 + (f" for machine {machine!r}" if machine else "")
