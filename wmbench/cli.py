@@ -21,13 +21,36 @@ def _csv(kind):
     return parse
 
 
+# an option's default, marked so a command can tell it from the same value typed (argparse shows it as usual)
+class _DefaultList(list):
+    pass
+
+
+class _DefaultInt(int):
+    pass
+
+
+class _DefaultStr(str):
+    pass
+
+
+def _default(value):
+    return {list: _DefaultList, int: _DefaultInt, str: _DefaultStr}[type(value)](value)
+
+
+def _given(value) -> bool:
+    return not isinstance(value, (_DefaultList, _DefaultInt, _DefaultStr))
+
+
 def _add_bench(sub):
     p = sub.add_parser("bench", help="fwd+bwd time, memory, FLOPs and step latency per backbone and length",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbones", type=_csv(str), default=["mamba", "mamba2", "gru", "transformer"],
+    p.add_argument("--backbones", type=_csv(str), default=_default(["mamba", "mamba2", "gru", "transformer"]),
                    help="comma-separated backbone names")
-    p.add_argument("--len", dest="lengths", type=_csv(int), default=[208, 1664], help="sequence lengths")
-    p.add_argument("--batch", type=int, default=16, help="sequences per fwd+bwd")
+    p.add_argument("--len", dest="lengths", type=_csv(int), default=_default([208, 1664]),
+                   help="sequence lengths (with --peers: each pair's own unless given)")
+    p.add_argument("--batch", type=int, default=_default(16),
+                   help="sequences per fwd+bwd (with --peers: each pair's own unless given)")
     p.add_argument("--d-model", type=int, default=512, help="model width")
     p.add_argument("--layers", type=int, default=2, help="backbone layers")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 parameters")
@@ -35,14 +58,22 @@ def _add_bench(sub):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per cell (0: torch's default)")
     p.add_argument("--iters", type=int, default=3, help="timed fwd+bwd calls per cell")
     p.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd calls first")
-    p.add_argument("--contexts", type=_csv(int), default=[8, 208, 1664], help="step-latency contexts")
+    p.add_argument("--contexts", type=_csv(int), default=_default([8, 208, 1664]), help="step-latency contexts")
     p.add_argument("--runs-dir", default="results/runs", help="where the record goes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the options and folders, print the config, stop")
     p.add_argument("--agent", action="store_true",
                    help="the Drama agent's update phase by phase per backbone, at --size (--len, --batch, "
                         "--d-model, --layers, --dtype, --contexts do not apply)")
-    p.add_argument("--size", default="cpu", help="with --agent: the model size preset (XS, S, tiny, cpu)")
+    p.add_argument("--size", default=_default("cpu"), help="with --agent: the model size preset (XS, S, tiny, cpu)")
+    p.add_argument("--replay-capacity", type=int, default=100_000,
+                   help="with --agent: frames of the full replay buffer held in memory and sampled from (0: none)")
+    p.add_argument("--peers", nargs="?", const="all", metavar="PAIRS",
+                   help="installed peer implementations side by side with ours at the same shapes: mambapy and "
+                        "transformers' Mamba (with mambapy's scan, and its default sequential loop) vs our mamba, "
+                        "transformers' Mamba2 vs our mamba2, mamba-ssm's ssd_minimal_discrete vs our SSD op; all, "
+                        "or a comma-separated subset of mambapy, hf-mamba, hf-mamba-seq, hf-mamba2, ssd-minimal "
+                        "(--backbones, --dtype, --contexts do not apply)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -50,8 +81,8 @@ def _cmd_agent_bench(a) -> int:
     from wmbench.core.device import resolve_device
     from wmbench.harness.agent_bench import AgentBenchConfig, check_agent_bench_config, run_agent_bench
     from wmbench.report.agent_bench import agent_bench_markdown
-    cfg = AgentBenchConfig(backbones=a.backbones, size=a.size, device=str(resolve_device(a.device)),
-                           threads=a.threads, warmup=a.warmup, iters=a.iters)
+    cfg = AgentBenchConfig(backbones=list(a.backbones), size=str(a.size), device=str(resolve_device(a.device)),
+                           threads=a.threads, warmup=a.warmup, iters=a.iters, replay_capacity=a.replay_capacity)
     check_agent_bench_config(cfg)
     return _measure(a, cfg, run_agent_bench, lambda rec: agent_bench_markdown([rec]))
 
@@ -84,14 +115,37 @@ def _cmd_bench(a) -> int:
     from wmbench.core.device import resolve_device
     from wmbench.harness.bench import BenchConfig, check_bench_config, run_bench
     from wmbench.report.bench import format_table
+    if a.peers is not None:
+        return _cmd_peers_bench(a)
     if a.agent:
         return _cmd_agent_bench(a)
-    cfg = BenchConfig(backbones=a.backbones, lengths=a.lengths, batch_size=a.batch, d_model=a.d_model,
-                      n_layers=a.layers, dtype=a.dtype, device=str(resolve_device(a.device)), iters=a.iters,
-                      warmup=a.warmup, step_contexts=a.contexts, threads=a.threads)
+    cfg = BenchConfig(backbones=list(a.backbones), lengths=list(a.lengths), batch_size=int(a.batch),
+                      d_model=a.d_model, n_layers=a.layers, dtype=a.dtype, device=str(resolve_device(a.device)),
+                      iters=a.iters, warmup=a.warmup, step_contexts=list(a.contexts), threads=a.threads)
     check_bench_config(cfg)
     _check_sizes(cfg.backbones, cfg.d_model, cfg.n_layers)
     return _measure(a, cfg, run_bench, format_table)
+
+
+def _cmd_peers_bench(a) -> int:
+    from wmbench.core.device import resolve_device
+    from wmbench.core.errors import UserError
+    from wmbench.harness.peers import PAIRS, PeersConfig, check_peers_config, parse_pairs, run_peers
+    from wmbench.report.peers import peers_markdown
+    if a.agent:
+        raise UserError("--peers and --agent are separate benchmarks; give one of them")
+    for flag, value in (("--backbones", a.backbones), ("--contexts", a.contexts), ("--size", a.size)):
+        if _given(value):
+            raise UserError(f"{flag} does not apply to --peers (each pair names its own implementations)")
+    if a.dtype != "fp32":
+        raise UserError(f"--dtype {a.dtype} does not apply to --peers: the peers are timed in fp32")
+    cfg = PeersConfig(pairs=parse_pairs(a.peers), lengths=list(a.lengths) if _given(a.lengths) else None,
+                      batch_size=a.batch if _given(a.batch) else None, d_model=a.d_model, n_layers=a.layers,
+                      device=str(resolve_device(a.device)), threads=a.threads, warmup=a.warmup, iters=a.iters)
+    check_peers_config(cfg)
+    ours = sorted({PAIRS[p].ours.split(":")[1] for p in cfg.pairs} - {"ssd"})
+    _check_sizes(ours, cfg.d_model, cfg.n_layers)
+    return _measure(a, cfg, run_peers, lambda rec: peers_markdown([rec]))
 
 
 def _check_sizes(backbones, d_model, n_layers, **options) -> None:
