@@ -372,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:   # the command, not a library call: run under tcmalloc where installed (allocator.py)
+        allocator.reexec_with_tcmalloc(sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         allocator.configure()
