@@ -1,0 +1,63 @@
+"""The paper's XS update on this machine: time against the FLOP bound, and peak memory (pytest-benchmark;
+not in the default run). Each benchmark's extra_info holds the FLOPs, the matmul rate measured here, the
+time over the FLOP-bound time (FLOPs / matmul rate) and the process's peak RSS (run `-k lean` and `-k plain`
+separately for each one's own peak: freed memory stays in the process).
+
+    pytest tests/benchmarks --benchmark-only -k xs --benchmark-columns=median,rounds
+
+The world-model update runs twice: with the memory-lean conv stack (the default) and with plain autograd
+(what the code did before it), side by side in one process. `wmbench bench --agent --size XS` measures
+the same update phase by phase, with a full replay buffer in memory, and writes a record.
+"""
+import pytest
+import torch
+
+from wmbench.agent import ActorCritic
+from wmbench.agent.estimate import random_batches
+from wmbench.core.measure import PeakMemory, matmul_throughput
+from wmbench.world_model import WorldModel, get_preset, lean_conv
+
+N_ACTIONS = 18
+
+
+@pytest.fixture(scope="module")
+def xs():
+    torch.manual_seed(0)
+    m = get_preset("XS", backbone="mamba2")
+    wm, ac = WorldModel(m, N_ACTIONS), ActorCritic(m, N_ACTIONS)
+    batch, ctx = random_batches(m, (m.image_size, m.image_size, m.image_channels), N_ACTIONS, 1.0)
+    return wm, ac, batch, ctx, matmul_throughput("cpu")
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def _run(benchmark, fn, rate: float, flops: int):
+    with PeakMemory("cpu") as mem:
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update(flops=flops, matmul_flops_per_s=rate, over_flop_bound=t / (flops / rate),
+                                peak_rss_gb=getattr(mem, "peak_total_bytes", mem.peak_bytes) / 1e9, threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("stack", ["lean", "plain"])
+def test_xs_world_model_update(benchmark, xs, stack, monkeypatch):
+    wm, _, batch, _, rate = xs
+    if stack == "plain":
+        monkeypatch.setattr(lean_conv, "usable", lambda x, m: False)
+    _run(benchmark, lambda: wm.train_step(batch), rate, _flops(lambda: wm.train_step(batch)))
+
+
+def test_xs_full_update(benchmark, xs):
+    """World-model update, imagination (1024 contexts, 16 steps) and actor-critic update: one env step's
+    training at XS."""
+    wm, ac, batch, (obs, act), rate = xs
+
+    def update():
+        wm.train_step(batch)
+        ac.update(wm.imagine(obs, act, ac))
+    _run(benchmark, update, rate, _flops(update))
