@@ -99,6 +99,8 @@ class Run:
         env = env_makers(cfg)[0](cfg.seed)
         n_actions, obs_shape = int(env.num_actions), tuple(env.observation_space.shape)
         wm = WorldModel(mcfg, n_actions).to(device)
+        if cfg.compile:
+            wm.compile_rollout()
         agent = ActorCritic(mcfg, n_actions).to(device)
         replay = make_replay(cfg.sampler, capacity=cfg.replay_capacity, dfs_mode=cfg.dfs_mode,
                              batch_size=mcfg.batch_size, imagine_batch_size=mcfg.imag_batch, seed=cfg.seed)
