@@ -22,7 +22,7 @@ def test_size_and_device_auto_on_a_cpu_host():
 
 
 def test_explicit_size_and_device_are_kept():
-    cfg = check_config(resolve_config(None, game="Krull", size="xs", device="cpu", compile=False))
+    cfg = check_config(resolve_config(None, game="Krull", size="xs", device="cpu", compile=False, precision="fp32"))
     assert (cfg.size, cfg.device, cfg.auto_choices) == ("XS", "cpu", {})
 
 

@@ -78,6 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="protocol field or gridgoal option (e.g. episode_length=50), repeatable")
     p.add_argument("--runs-dir", help="where the run record goes (default results/runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--precision", help="auto (default: bf16 autocast only where measured faster than fp32 "
+                   "on this device), fp32 or bf16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the backbone's recurrent step used by imagination (default: on for a "
                         "Linux CPU with a C++ compiler at imagination batch >= 128, where it was measured to "
@@ -98,7 +100,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
              ("game", "backbone", "sampler", "size", "steps", "seed", "run_dir", "protocol", "device", "threads",
               "train_ratio", "warmup_steps", "replay_capacity", "dfs_mode", "faithful", "eval_every",
               "eval_episodes", "final_eval_episodes", "checkpoint_every", "checkpoint_minutes", "log_every",
-              "runs_dir", "stale_reset_frame", "compile")}
+              "runs_dir", "stale_reset_frame", "compile", "precision")}
     if getattr(a, "eval_sampled", False):
         given["eval_greedy"] = False
     if a.model_overrides:

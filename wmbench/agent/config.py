@@ -44,6 +44,8 @@ class TrainConfig:
     log_every: int = 100              # env steps between train-metric rows
     device: str = "auto"              # auto (CUDA if available), cpu, cuda, cuda:1
     threads: int = 0                  # torch CPU threads (0: the fastest of 1 and all cores, measured)
+    precision: str = "auto"           # fp32, bf16 (autocast; the official code's) or auto: bf16 only where
+                                      # measured faster (resolve_precision); --set amp=... overrides it
     compile: bool | None = None       # torch.compile the backbone's recurrent step (imagination's rollout);
                                       # None: auto (resolve_compile says when, and why)
     model_overrides: dict = field(default_factory=dict)  # DramaConfig fields, e.g. {"wm_lr": 1e-3}
@@ -59,7 +61,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "device", "threads", "eval_every", "eval_episodes",
                                "eval_greedy", "final_eval_episodes", "eval_envs", "checkpoint_every",
                                "checkpoint_minutes", "log_every", "runs_dir", "preset",
-                               "auto_choices", "compile"})
+                               "auto_choices", "compile", "precision"})
 FAITHFUL = ("paper", "code")
 
 # Run presets: a model size plus a schedule sized for it. Explicit options override them.
@@ -142,7 +144,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {cfg.checkpoint_minutes}")
     if cfg.faithful == "code":   # the code's choices under anything given explicitly
         from wmbench.world_model.config import code_choices
-        cfg.model_overrides = {**code_choices(bf16_native(device)), **cfg.model_overrides}
+        choices = code_choices(bf16_native(device))
+        if cfg.precision != "auto":     # an explicit --precision is the run's amp choice
+            choices.pop("amp")
+        cfg.model_overrides = {**choices, **cfg.model_overrides}
     for k in ("steps", "eval_envs", "log_every"):
         if int(getattr(cfg, k)) < 1:
             raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
@@ -150,6 +155,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
               "threads"):
         if int(getattr(cfg, k)) < 0:
             raise ValueError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    amp = cfg.model_overrides.get("amp")
+    if cfg.precision != "auto" and amp is not None and bool(amp) != (cfg.precision == "bf16"):
+        raise ValueError(f"--precision {cfg.precision} contradicts --set amp={amp}; give one of them")
+    if cfg.precision == "auto":
+        cfg.precision, cfg.auto_choices["precision"] = resolve_precision(device, cfg.model_overrides)
     if cfg.compile is None:
         cfg.compile, cfg.auto_choices["compile"] = resolve_compile(device, model_config(cfg))
     if not isinstance(cfg.compile, bool):
@@ -186,6 +198,50 @@ def resolve_size(device: torch.device) -> tuple[str, str]:
                    "in about a night; the paper's XS needs a GPU (force it with --size XS)")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_MIN_SPEEDUP = 1.2    # bf16 autocast is chosen only if it measured at least this much faster
+
+
+def resolve_precision(device: torch.device, overrides: dict) -> tuple[str, str]:
+    """`--precision auto`: bf16 autocast only on a device where it was measured faster than fp32 here
+    (a matmul and a convolution of the world model's sizes, `bf16_speedup`). A CPU without native bf16
+    (AVX512-BF16 or AMX) is not measured: it emulates bf16, 0.5-0.7x of fp32 on an Intel Xeon."""
+    if "amp" in overrides:
+        return ("bf16" if overrides["amp"] else "fp32"), "set by --set amp (or --faithful code)"
+    if not bf16_native(device):
+        return "fp32", "fp32: no native bf16 on this device (bf16 would be emulated, slower than fp32)"
+    speedup = bf16_speedup(device)
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16: measured {speedup:.2f}x fp32's speed here (--precision fp32 to turn it off)"
+    return "fp32", f"fp32: bf16 measured {speedup:.2f}x fp32's speed here, below {BF16_MIN_SPEEDUP}x"
+
+
+def bf16_speedup(device: torch.device, min_time_s: float = 0.3) -> float:
+    """fp32 time / bf16-autocast time of a 1024^3 matmul plus a 5x5 conv (32 frames, 32 -> 48 channels at
+    32x32), best of repeats for `min_time_s` each."""
+    import time
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(1024, 1024, generator=g).to(device) for _ in range(2))
+    x, w = torch.randn(32, 32, 32, 32, generator=g).to(device), torch.randn(48, 32, 5, 5, generator=g).to(device)
+
+    def work():
+        a @ b
+        torch.nn.functional.conv2d(x, w, padding=2)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def best(bf16: bool) -> float:
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            work()
+            t_end, out = time.perf_counter() + min_time_s, float("inf")
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                work()
+                out = min(out, time.perf_counter() - t0)
+        return out
+    return best(False) / best(True)
+
+
 COMPILE_MIN_IMAG_BATCH = 128   # the smallest imagination batch where compiling the step was measured to pay
 
 
@@ -211,7 +267,10 @@ def model_config(cfg: TrainConfig):
     for k, flag in (("backbone", "--backbone"), ("name", "--size")):
         if k in cfg.model_overrides:
             raise ValueError(f"--set {k}=... is not a model option; use {flag}")
-    return get_preset(cfg.size, backbone=cfg.backbone, **cfg.model_overrides)
+    overrides = dict(cfg.model_overrides)
+    if "amp" not in overrides and cfg.precision in ("fp32", "bf16"):
+        overrides["amp"] = cfg.precision == "bf16"
+    return get_preset(cfg.size, backbone=cfg.backbone, **overrides)
 
 
 def bf16_native(device: torch.device) -> bool:
