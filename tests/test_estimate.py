@@ -73,6 +73,7 @@ def test_main_command_banner_and_thread_choice_reach_the_record(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("wmbench atari: gridgoal, mamba2, dfs (official), size tiny")
     assert "threads -> " in err and "estimate: " in err
+    assert "precision auto -> " in err and "compile auto -> off: imagination batch" in err   # tiny: not measured
     import json
     rec = json.loads(next((tmp_path / "rec").glob("*.json")).read_text())
     chosen = int(rec["config"]["auto_choices"]["threads"].split(",")[0])

@@ -349,9 +349,10 @@ def banner(cfg: TrainConfig) -> str:
     sampler = f"dfs ({cfg.dfs_mode})" if cfg.sampler == "dfs" else cfg.sampler
     lines = [f"wmbench atari: {cfg.game}, {cfg.backbone}, {sampler}, size {cfg.size}, {cfg.steps:,} env steps, "
              f"seed {cfg.seed}, device {cfg.device}, faithful to the {cfg.faithful}"]
-    for k in ("size", "device"):
+    for k in ("size", "device", "precision", "compile"):
         if k in cfg.auto_choices:
-            lines.append(f"  {k} auto -> {getattr(cfg, k)}: {cfg.auto_choices[k]}")
+            value = {True: "on", False: "off"}.get(getattr(cfg, k), getattr(cfg, k))
+            lines.append(f"  {k} auto -> {value}: {cfg.auto_choices[k]}")
     lines.append(f"  run dir {cfg.run_dir} (re-run the same command to resume); record to {cfg.runs_dir}/")
     if cfg.warmup_steps >= cfg.steps:
         lines.append(f"warning: --steps {cfg.steps} ends inside the warm-up ({cfg.warmup_steps} random-action "
