@@ -209,11 +209,11 @@ def resolve_precision(device: torch.device, overrides: dict) -> tuple[str, str]:
     if "amp" in overrides:
         return ("bf16" if overrides["amp"] else "fp32"), "set by --set amp (or --faithful code)"
     if not bf16_native(device):
-        return "fp32", "fp32: no native bf16 on this device (bf16 would be emulated, slower than fp32)"
+        return "fp32", "no native bf16 on this device (bf16 would be emulated, slower than fp32)"
     speedup = bf16_speedup(device)
     if speedup >= BF16_MIN_SPEEDUP:
-        return "bf16", f"bf16: measured {speedup:.2f}x fp32's speed here (--precision fp32 to turn it off)"
-    return "fp32", f"fp32: bf16 measured {speedup:.2f}x fp32's speed here, below {BF16_MIN_SPEEDUP}x"
+        return "bf16", f"measured {speedup:.2f}x fp32's speed here (--precision fp32 to turn it off)"
+    return "fp32", f"bf16 measured {speedup:.2f}x fp32's speed here, below {BF16_MIN_SPEEDUP}x"
 
 
 def bf16_speedup(device: torch.device, min_time_s: float = 0.3) -> float:
@@ -253,12 +253,12 @@ def resolve_compile(device: torch.device, mcfg) -> tuple[bool, str]:
     import platform
     import shutil
     if device.type != "cpu":
-        return False, "off: not measured on this device type yet (force with --compile)"
+        return False, "not measured on this device type yet (force with --compile)"
     if platform.system() != "Linux" or not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return False, "off: torch.compile's CPU backend needs Linux and a C++ compiler here"
+        return False, "torch.compile's CPU backend needs Linux and a C++ compiler here"
     if mcfg.imag_batch < COMPILE_MIN_IMAG_BATCH:
-        return False, f"off: imagination batch {mcfg.imag_batch} < {COMPILE_MIN_IMAG_BATCH}, where it was not measured to pay"
-    return True, ("on: a CPU with a C++ compiler; the compiled rollout step measured 1.14-1.44x faster "
+        return False, f"imagination batch {mcfg.imag_batch} < {COMPILE_MIN_IMAG_BATCH}, where it was not measured to pay"
+    return True, ("a CPU with a C++ compiler; the compiled rollout step measured 1.14-1.44x faster "
                   "imagination (--no-compile turns it off)")
 
 
