@@ -236,9 +236,13 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     A corrupt or unusable record is skipped with one warning line naming it (strict: UserError instead).
     Records repeating a (config, seed) on the same hardware count once (the newest). Rows never mix
     machines: tables group by hardware, and `machine` keeps only records whose CPU/GPU name contains it."""
+    import logging
+
     from wmbench.core.errors import UserError
     from wmbench.core.paths import writable_dir
     from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot
+    # matplotlib's font fallback notes ("findfont: ... not found") are noise here; our messages are ours
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from wmbench.report.atari import atari_markdown, learning_curves
     from wmbench.report.peers import peers_markdown
     if not Path(runs_dir).is_dir():
