@@ -251,10 +251,10 @@ def resolve_compile(device: torch.device, mcfg) -> tuple[bool, str]:
     1.14x at XS (7.9 -> 6.9 s, 17 s) with 2 threads on a 2-core AMD EPYC; it is not measured on GPUs
     yet, nor below an imagination batch of 128 (the `tiny` smoke size)."""
     import platform
-    import shutil
+    from wmbench.world_model.model import cxx_compiler
     if device.type != "cpu":
         return False, "not measured on this device type yet (force with --compile)"
-    if platform.system() != "Linux" or not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if platform.system() != "Linux" or cxx_compiler() is None:
         return False, "torch.compile's CPU backend needs Linux and a C++ compiler here"
     if mcfg.imag_batch < COMPILE_MIN_IMAG_BATCH:
         return False, f"imagination batch {mcfg.imag_batch} < {COMPILE_MIN_IMAG_BATCH}, where it was not measured to pay"

@@ -32,13 +32,17 @@ from wmbench.world_model.optim import TrainState, autocast, check_finite, make_o
 ENCODE_CHUNK = 512   # frames per encoder call without autograd: bounds the memory of encoding contexts
 
 
-def check_compile(device: torch.device) -> None:
-    """torch.compile's CPU backend (inductor) writes and builds C++: refuse --compile in one line where
-    no compiler is found, instead of failing at the first imagined step."""
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would build with, or None."""
     import os
     import shutil
-    if torch.device(device).type == "cpu" and not any(
-            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+    return next((c for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse --compile on a CPU without a C++ compiler in one line, instead of failing at the first
+    imagined step."""
+    if torch.device(device).type == "cpu" and cxx_compiler() is None:
         raise ValueError("--compile on a CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
                          "install one or leave --compile off")
 
