@@ -29,6 +29,9 @@ def test_every_phase_measured(record):
         assert cell["acting"]["value"] > 0 and cell["peak_memory"]["value"] > 0
         assert cell["update_flops"]["value"] > 1e6 and 0 < cell["fraction_of_matmul_peak"]["value"] < 1
         assert cell["threads"]["value"] == 1
+        # tiny's imagination batch is below where compiling was measured to pay: the atari command's
+        # auto choice (eager) is what was measured, and the record says so
+        assert cell["compiled"]["value"] is False and "imagination batch" in cell["compiled"]["method"]
         # a full replay buffer of the given capacity was resident, and the batches came from it
         from wmbench.world_model import get_preset
         m = get_preset("tiny")
@@ -49,6 +52,21 @@ def test_report_table_and_plot(record):
     assert {"agent_bench.md", "agent_bench_phases.png"} <= names
     text = (d / "out" / "tables" / "agent_bench.md").read_text()
     assert "| gru |" in text and "| mamba2 |" in text and "imagination: rollout" in text
+
+
+def test_forced_compile_is_measured_and_recorded(tmp_path):
+    from wmbench.world_model.model import cxx_compiler
+    if cxx_compiler() is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", "--size", "tiny", "--backbones",
+                        "gru", "--iters", "1", "--warmup", "1", "--threads", "1", "--replay-capacity", "0",
+                        "--compile", "--no-progress", "--runs-dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    cell = json.loads(open(p.stdout.strip().splitlines()[-1].split("record: ")[1]).read())["metrics"]["cells"]["gru"]
+    assert cell["compiled"]["value"] is True and cell["imagine_rollout"]["value"] > 0
+    assert cell["update_flops"]["value"] > 1e6          # counted on the eager step, before compiling
+    assert "| compiled |" in p.stdout
 
 
 @pytest.mark.parametrize("args,needle", [(["--size", "XXL"], "unknown preset"), (["--backbones", ""], "empty"),

@@ -68,6 +68,9 @@ def _add_bench(sub):
     p.add_argument("--size", default=_default("cpu"), help="with --agent: the model size preset (XS, S, tiny, cpu)")
     p.add_argument("--replay-capacity", type=int, default=100_000,
                    help="with --agent: frames of the full replay buffer held in memory and sampled from (0: none)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --agent: torch.compile the rollout step (default: the choice `wmbench atari` makes "
+                        "on this device and size)")
     p.add_argument("--peers", nargs="?", const="all", metavar="PAIRS",
                    help="installed peer implementations side by side with ours at the same shapes: mambapy and "
                         "transformers' Mamba (with mambapy's scan, and its default sequential loop) vs our mamba, "
@@ -82,7 +85,8 @@ def _cmd_agent_bench(a) -> int:
     from wmbench.harness.agent_bench import AgentBenchConfig, check_agent_bench_config, run_agent_bench
     from wmbench.report.agent_bench import agent_bench_markdown
     cfg = AgentBenchConfig(backbones=list(a.backbones), size=str(a.size), device=str(resolve_device(a.device)),
-                           threads=a.threads, warmup=a.warmup, iters=a.iters, replay_capacity=a.replay_capacity)
+                           threads=a.threads, warmup=a.warmup, iters=a.iters, replay_capacity=a.replay_capacity,
+                           compile=a.compile)
     check_agent_bench_config(cfg)
     return _measure(a, cfg, run_agent_bench, lambda rec: agent_bench_markdown([rec]))
 

@@ -46,6 +46,7 @@ class AgentBenchConfig:
     n_actions: int = 18           # Atari's full action set
     replay_capacity: int = 100_000  # a full replay buffer of the run's size is in memory (0: none); the
                                     # batches are sampled from it by the run's DFS sampler
+    compile: bool | None = None   # torch.compile the rollout step as `wmbench atari` does (None: its auto choice)
 
 
 def check_agent_bench_config(cfg: AgentBenchConfig) -> None:
@@ -60,7 +61,15 @@ def check_agent_bench_config(cfg: AgentBenchConfig) -> None:
                         ("--replay-capacity", cfg.replay_capacity, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise UserError(f"{flag} must be an integer >= {lo}, got {v!r}")
-    resolve_device(cfg.device)
+    dev = resolve_device(cfg.device)
+    if cfg.compile is not None and not isinstance(cfg.compile, bool):
+        raise UserError(f"compile must be true, false or unset, got {cfg.compile!r}")
+    if cfg.compile:
+        from wmbench.world_model.model import check_compile
+        try:
+            check_compile(dev)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def full_replay(cfg: AgentBenchConfig, m, obs_shape: tuple):
@@ -139,6 +148,19 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
             t["imagine_rollout"], t["ac_update"] = max((t3 - t2) - (t2 - t1), 0.0), t4 - t3
             return t
 
+        # FLOPs first, on the eager step (the counter sees every op; a compiled step hides them)
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            wm.train_step(batch)
+            ac.update(wm.imagine(ctx_obs, ctx_act, ac))
+        flops = int(fc.get_total_flops())
+        tick()
+        compiled, compile_why = cfg.compile, "--compile given" if cfg.compile else "--no-compile given"
+        if compiled is None:   # the same choice as `wmbench atari` makes on this device and size
+            from wmbench.agent.config import resolve_compile
+            compiled, compile_why = resolve_compile(dev, m)
+        if compiled:
+            wm.compile_rollout()   # compiles in the first warm-up update
         for _ in range(cfg.warmup):
             update()
             tick()
@@ -146,12 +168,6 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
         for _ in range(cfg.iters):
             runs.append(update())
             tick()
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as fc:
-            wm.train_step(batch)
-            ac.update(wm.imagine(ctx_obs, ctx_act, ac))
-        flops = int(fc.get_total_flops())
-        tick()
 
         rng = np.random.default_rng(cfg.seed)
         ctx = ActingContext.for_model(m)
@@ -188,6 +204,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
     out["n_params"] = metric(wm.param_counts()["total"] + sum(p.numel() for p in ac.parameters()),
                              "parameters", "world model + actor-critic")
     out["threads"] = metric(torch.get_num_threads(), "threads", "torch.get_num_threads() in the cell")
+    out["compiled"] = metric(bool(compiled), "bool", f"torch.compile of the rollout step: {compile_why}")
     return out
 
 

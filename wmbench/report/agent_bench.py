@@ -11,6 +11,12 @@ def _v(cell: dict, k: str) -> float:
     return float(cell[k]["value"])
 
 
+def _step_kind(cell: dict) -> str:
+    if "compiled" not in cell:   # records from before --compile existed ran eagerly
+        return "eager"
+    return "compiled" if cell["compiled"]["value"] else "eager"
+
+
 def agent_bench_markdown(records: list[dict]) -> str:
     lines = ["# Agent benchmark (`wmbench bench --agent`)", "",
              "Milliseconds per update, split by phase (medians), acting ms per env step (batch 1), peak "
@@ -19,17 +25,17 @@ def agent_bench_markdown(records: list[dict]) -> str:
     for rec in records:
         c, env = rec["config"], rec["environment"]
         lines += [f"## size {c['size']}, {env['device_name']}, {env['torch_threads']} threads — {rec['created_at']}", "",
-                  "| backbone | " + " | ".join(PHASE_NAMES.values()) + " | update | acting ms/step | peak MB "
-                  "| GFLOP/update | % of matmul |",
-                  "|---|" + "---:|" * (len(PHASE_NAMES) + 5)]
+                  "| backbone | " + " | ".join(PHASE_NAMES.values()) + " | update | acting ms/step | peak MiB "
+                  "| GFLOP/update | % of matmul | rollout step |",
+                  "|---|" + "---:|" * (len(PHASE_NAMES) + 5) + "---|"]
         for b, cell in rec["metrics"]["cells"].items():
             if "error" in cell:
-                lines.append(f"| {b} | {cell['error']} |" + " |" * (len(PHASE_NAMES) + 4))
+                lines.append(f"| {b} | {cell['error']} |" + " |" * (len(PHASE_NAMES) + 5))
                 continue
             phases = " | ".join(f"{_v(cell, k):,.0f}" for k in PHASE_NAMES)
             lines.append(f"| {b} | {phases} | {_v(cell, 'update'):,.0f} | {_v(cell, 'acting'):.1f} "
                          f"| {_v(cell, 'peak_memory') / 2**20:,.0f} | {_v(cell, 'update_flops') / 1e9:,.1f} "
-                         f"| {100 * _v(cell, 'fraction_of_matmul_peak'):.0f}% |")
+                         f"| {100 * _v(cell, 'fraction_of_matmul_peak'):.0f}% | {_step_kind(cell)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from wmbench.world_model import lean_conv
+from wmbench.world_model import folded_conv, lean_conv
 from wmbench.world_model.config import DramaConfig
 
 
@@ -42,6 +42,8 @@ class Encoder(nn.Module):
             m = list(self.net)
             blocks = [(m[i + 1], m[i + 3] if i + 3 < len(m) else None) for i in range(0, len(m), 3)]
             return lean_conv.run_stack(x, m[0], blocks).flatten(1)
+        if folded_conv.usable(x, self):   # inference: BatchNorm folded into the convs, SiLU in place
+            return folded_conv.run_folded(self.net, x).flatten(1)
         return self.net(x).flatten(1)
 
 
@@ -75,6 +77,8 @@ class Decoder(nn.Module):
             m = list(self.net)
             blocks = [(self.fc_norm[0], m[0])] + [(m[i], m[i + 2]) for i in range(1, len(m) - 1, 3)]
             return torch.sigmoid(lean_conv.run_stack(c, None, blocks))
+        if folded_conv.usable(c, self):   # inference: see Encoder.forward
+            return torch.sigmoid_(folded_conv.run_folded(self.net, folded_conv.run_folded(self.fc_norm, c)))
         return torch.sigmoid(self.net(self.fc_norm(c)))
 
 
