@@ -206,7 +206,18 @@ def _add_run(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", default="mamba2", help="sequence model (wmbench list)")
     p.add_argument("--task", default="gridworld", help="workload (wmbench list)")
-    p.add_argument("--len", dest="seq_len", type=int, default=1664, help="sequence length in tokens")
+    p.add_argument("--len", dest="seq_len", type=int, default=_default(1664),
+                   help="sequence length: tokens for gridworld; transitions per training window for atari (default 64)")
+    p.add_argument("--game", help="with --task atari: the Atari game (wmbench list)")
+    p.add_argument("--data-steps", dest="data_steps", type=int,
+                   help="with --task atari: env steps in the offline dataset (default: the preset's)")
+    p.add_argument("--data-seed", dest="data_seed", type=int, default=0,
+                   help="with --task atari: seed of the dataset's env and policy (every backbone and training seed "
+                        "shares it)")
+    p.add_argument("--policy", help="with --task atari: an agent's run dir whose checkpoint plays the dataset "
+                                    "(default: a uniformly random policy)")
+    p.add_argument("--data-dir", dest="data_dir",
+                   help="with --task atari: the dataset cache (default: $WMBENCH_DATA or ~/.cache/wmbench/datasets)")
     p.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated seeds, each run once")
     p.add_argument("--preset", default="cpu", help="configuration preset (see `wmbench list`)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
@@ -241,10 +252,13 @@ def _cmd_run(a) -> int:
     from wmbench.harness.gridworld import (check_config, check_memory, make_config, summary_lines,
                                            train_and_evaluate)
 
+    if a.task == "atari":
+        from wmbench.harness.wm_atari_cli import run_atari_cells
+        return run_atari_cells(a, seq_len_given=_given(a.seq_len))
     if a.task != "gridworld":
         import wmbench
         wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
-        raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld")
+        raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld, atari")
     _check_seeds(a.seeds)
     if a.device is not None:
         from wmbench.core.device import resolve_device
