@@ -30,6 +30,40 @@ agent lands on the goal it predicts the agent on that (old goal) cell and the go
 agent just left. That frame is valid (E_g = 0) and its agent cell is right with probability
 1/(l_g-2)^2, the same as any other guess, so the oracle's error on data is the floor:
 about (1 - 1/(l_g-2)^2) * respawn_share / 2.
+
+Memory variants. In the task above every frame shows the whole state, so the next frame depends only on
+the current frame and the action: a model needs no memory, and backbones do not separate. A variant
+keeps the world, the random draws and the token layout, and changes only what a frame *shows*: one
+object is drawn only on the frames where it (re)appears, frame 0 and the re-spawn frames ("shown"
+frames); on every other frame its cell shows FLOOR.
+    full        the task above: everything is drawn on every frame (the default).
+    goal_once   the goal is hidden after it appears. The agent's move is still visible, but whether
+                the next step reaches the goal (and so re-spawns both) depends on where the goal was
+                drawn, up to hundreds of frames back: a retrieval memory.
+    agent_once  the agent is hidden after it appears. Where it is now is its spawn cell moved by every
+                action since, each clipped at the walls: an integration (state-tracking) memory.
+What is predicted and scored. With an object hidden, the drawn frame says almost nothing a model must
+remember (the hidden cell is FLOOR whatever the past), so scoring drawn frames would not test memory.
+In a variant the model reads the drawn frames (the observations) and predicts the *state*: the full
+frame of the next step, hidden object included, exactly the frames of `full` with the same seed. The
+A.6 metric above is applied to these state frames, with one change: logic(P) also fails when the
+hidden object's cell is wrong, so in goal_once logic(P) = geometric(P), or the agent cell or the goal
+cell of P differs from T's (in agent_once the hidden object is the agent, which A.6 already scores).
+A frame is *predictable* when it is not a re-spawn frame: there the past observations determine the
+state exactly, and any error is a failure to remember.
+
+Floors. The oracle is `oracle_predict` on the true previous state: it knows the rules and the hidden
+state, not the re-spawn draw. It is exact on predictable frames and writes a valid frame on re-spawn
+frames, right with probability q (its agent guess, or in goal_once its (agent, goal) pair, against a
+uniform draw over the m = (l_g-2)^2 interior cells):
+    q = 1/m (full, agent_once),  q = 1/(m(m-1)) (goal_once);   floor = 100 * (1 - q) * r / 2 %,
+with r the share of re-spawn frames (`floor_pct`). In the long run r is 1 / (mean number of steps a
+uniformly random walk takes from a uniform (agent, goal) pair to the goal), computed exactly by
+`respawn_rate`; `respawn_share` gives its expectation over frames 1..n-1 of an n-frame sequence.
+A reference without memory (`fit_memoryless` / `memoryless_predict`) predicts from the previous
+observation and action alone: the dynamics when that frame shows everything, else the most frequent
+next state seen after that (observation, action) in a separate sample. In `full` it equals the oracle;
+in a variant its distance above the floor is what memory is worth.
 """
 from __future__ import annotations
 
@@ -46,12 +80,34 @@ N_CELL_KINDS = 4
 MOVES = np.array([[-1, 0], [0, 1], [1, 0], [0, -1]], dtype=np.int64)
 
 DEFAULT_GRID_SIZE = 5
+# 4: the smallest interior (2x2) that holds an agent and a goal with room to move. 16: a frame is then
+# 257 tokens, so the longest benchmarked sequence (16,384 tokens) holds only 63 frames, while the walk
+# needs 577 steps per re-spawn on average (`respawn_rate`): too few re-spawns to measure a floor on.
+MIN_GRID_SIZE, MAX_GRID_SIZE = 4, 16
+
+# the variants (module docstring): the cell kind each one hides between the frames that show it
+VARIANTS = {"full": None, "goal_once": GOAL, "agent_once": AGENT}
+DEFAULT_VARIANT = "full"
 
 
 def check_grid_size(grid_size: int) -> int:
-    if not isinstance(grid_size, (int, np.integer)) or isinstance(grid_size, bool) or grid_size < 4:
-        raise ValueError(f"grid_size must be an integer >= 4 (an interior of at least 2x2 cells), got {grid_size!r}")
+    if (not isinstance(grid_size, (int, np.integer)) or isinstance(grid_size, bool)
+            or not MIN_GRID_SIZE <= grid_size <= MAX_GRID_SIZE):
+        raise ValueError(f"the grid side l_g (--grid) must be an integer from {MIN_GRID_SIZE} (a 2x2 interior) "
+                         f"to {MAX_GRID_SIZE}, got {grid_size!r}")
     return int(grid_size)
+
+
+def check_variant(variant: str) -> str:
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+    return variant
+
+
+def tracked_kinds(variant: str = DEFAULT_VARIANT) -> tuple[int, ...]:
+    """The cell kinds whose position the logic error checks: A.6's agent, plus the kind the variant hides."""
+    hidden = VARIANTS[check_variant(variant)]
+    return (AGENT,) if hidden in (None, AGENT) else (AGENT, hidden)
 
 
 def frame_len(grid_size: int = DEFAULT_GRID_SIZE) -> int:
@@ -116,18 +172,22 @@ def _transition_table(grid_size: int) -> np.ndarray:
 
 
 def sample_sequences(batch_size: int, n_frames: int, grid_size: int = DEFAULT_GRID_SIZE, seed=0,
-                     return_info: bool = False):
-    """Random trajectories as token ids, int64 (batch_size, n_frames * l_f).
+                     return_info: bool = False, variant: str = DEFAULT_VARIANT):
+    """Random trajectories as token ids, int64 (batch_size, n_frames * l_f): the frames as `variant` draws them.
 
     Vectorised over the batch (the only Python loop is over frames, a few array ops each) and
     reproducible: the same (batch_size, n_frames, grid_size, seed) always gives the same array.
     `seed` is anything np.random.default_rng accepts (an int, or a list of ints for seed streams).
+    The variant does not touch the random draws: every variant has the world of `full` with that seed.
     With return_info=True also returns a dict of per-frame arrays:
         respawn (B, n) bool  frame t shows a re-spawn (agent reached the goal from frame t-1)
+        shown   (B, n) bool  frame t draws the variant's hidden kind (frame 0 and re-spawn frames)
         agent   (B, n, 2)    agent (row, col); goal (B, n, 2) likewise
         action  (B, n)       the action token that follows frame t
+        state   (B, n*l_f)   the full frames (the tokens of `full`; the same array when variant is full)
     """
     g_ = check_grid_size(grid_size)
+    check_variant(variant)
     for name, v in (("batch_size", batch_size), ("n_frames", n_frames)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -157,10 +217,27 @@ def sample_sequences(batch_size: int, n_frames: int, grid_size: int = DEFAULT_GR
     tokens = np.empty((B, n, l_f), dtype=np.int64)
     tokens[:, :, :-1] = _render(agent, goal, g_)
     tokens[:, :, -1] = actions
-    tokens = tokens.reshape(B, n * l_f)
+    state = tokens.reshape(B, n * l_f)
+    shown = respawn.copy()
+    shown[:, 0] = True
+    tokens = observe(state, shown, variant, g_)
     if return_info:
-        return tokens, {"respawn": respawn, "agent": agent, "goal": goal, "action": actions}
+        return tokens, {"respawn": respawn, "shown": shown, "agent": agent, "goal": goal, "action": actions,
+                        "state": state}
     return tokens
+
+
+def observe(state: np.ndarray, shown: np.ndarray, variant: str, grid_size: int = DEFAULT_GRID_SIZE) -> np.ndarray:
+    """What a variant draws: state tokens (..., n*l_f) with the hidden kind's cell turned to FLOOR on every
+    frame where shown (..., n) is False. `full` returns `state` itself (no copy)."""
+    hidden = VARIANTS[check_variant(variant)]
+    if hidden is None:
+        return state
+    state, shown = np.asarray(state), np.asarray(shown, dtype=bool)
+    per_token = np.repeat(shown, frame_len(grid_size), axis=-1)
+    if per_token.shape != state.shape:
+        raise ValueError(f"shown {shown.shape} does not give one flag per frame of state {state.shape}")
+    return np.where((state == hidden) & ~per_token, FLOOR, state)
 
 
 def split_frames(tokens: np.ndarray, grid_size: int = DEFAULT_GRID_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -202,13 +279,14 @@ def invalid_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def frame_errors(pred: np.ndarray, target: np.ndarray, prev: np.ndarray | None = None,
-                 action: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 action: np.ndarray | None = None, variant: str = DEFAULT_VARIANT) -> dict[str, np.ndarray]:
     """Per-frame error flags for predicted frames, all arrays batched over N frames.
 
-    pred, target (N, l_g^2) cell tokens; prev (N, l_g^2) the true frame before target and action (N,)
-    the action token taken from it (optional). Returns bool arrays (N,):
+    pred, target (N, l_g^2) cell tokens of full (state) frames; prev (N, l_g^2) the true state frame
+    before target and action (N,) the action token taken from it (optional). Returns bool arrays (N,):
         geometric    the predicted frame violates the grid's structure
-        logic        geometric, or the predicted agent cell differs from the target's
+        logic        geometric, or the predicted agent cell differs from the target's (in goal_once,
+                     or the goal cell: `tracked_kinds`)
         predictable  (only with prev and action) the target is what the dynamics give without a
                      re-spawn, i.e. a perfect model could predict it
     """
@@ -216,9 +294,11 @@ def frame_errors(pred: np.ndarray, target: np.ndarray, prev: np.ndarray | None =
     if pred.shape != target.shape or pred.ndim != 2:
         raise ValueError(f"pred and target must both be (N, l_g*l_g), got {pred.shape} and {target.shape}")
     geometric = invalid_frames(pred)
-    # with exactly one AGENT in a valid frame, argmax of the indicator is its cell
-    wrong_agent = (pred == AGENT).argmax(axis=-1) != (target == AGENT).argmax(axis=-1)
-    out = {"geometric": geometric, "logic": geometric | wrong_agent}
+    logic = geometric.copy()
+    for kind in tracked_kinds(variant):
+        # with exactly one cell of the kind in a valid frame, argmax of the indicator is that cell
+        logic |= (pred == kind).argmax(axis=-1) != (target == kind).argmax(axis=-1)
+    out = {"geometric": geometric, "logic": logic}
     if prev is not None and action is not None:
         prev, action = np.asarray(prev), np.asarray(action)
         if prev.shape != pred.shape or action.shape != pred.shape[:1]:
@@ -269,6 +349,118 @@ def respawned(prev: np.ndarray, action: np.ndarray) -> np.ndarray:
     return (_move(agent, np.asarray(action), g_) == goal).all(axis=-1)
 
 
+# ---- floors ------------------------------------------------------------------------------------------
+
+def oracle_hit_probability(grid_size: int = DEFAULT_GRID_SIZE, variant: str = DEFAULT_VARIANT) -> float:
+    """q: the chance that the oracle's (valid) guess of a re-spawn frame passes the logic check. The new
+    pair is uniform over the m(m-1) ordered (agent, goal) pairs of distinct interior cells, so one
+    guessed agent cell is right with probability 1/m, a guessed (agent, goal) pair with 1/(m(m-1))."""
+    m = (check_grid_size(grid_size) - 2) ** 2
+    return 1.0 / m if len(tracked_kinds(variant)) == 1 else 1.0 / (m * (m - 1))
+
+
+def floor_pct(respawn_share: float, grid_size: int = DEFAULT_GRID_SIZE, variant: str = DEFAULT_VARIANT) -> float:
+    """The oracle's expected Error (%) on frames of which a share `respawn_share` are re-spawns:
+    E_g = 0 (it always writes a valid frame), E_l = (1 - q) * share, Error = (E_g + E_l) / 2."""
+    return 100.0 * (1.0 - oracle_hit_probability(grid_size, variant)) * float(respawn_share) / 2.0
+
+
+def respawn_rate(grid_size: int = DEFAULT_GRID_SIZE) -> float:
+    """Re-spawns per step in the long run, exactly: 1 / E[h], with h the number of uniformly random steps
+    the agent takes from a uniform (agent, goal) pair until it steps onto the goal (every re-spawn starts
+    such a walk afresh, so re-spawns form a renewal process). Per goal cell g the hitting times solve
+    (I - Q_g) h = 1, with Q_g the walk's transition matrix among the cells other than g."""
+    step = _transition_table(check_grid_size(grid_size))              # (m, 4)
+    m = step.shape[0]
+    P = np.zeros((m, m))
+    np.add.at(P, (np.repeat(np.arange(m), 4), step.reshape(-1)), 0.25)
+    total = 0.0
+    for g in range(m):
+        keep = np.arange(m) != g
+        h = np.linalg.solve(np.eye(m - 1) - P[np.ix_(keep, keep)], np.ones(m - 1))
+        total += h.sum()
+    return 1.0 / (total / (m * (m - 1)))
+
+
+def respawn_share(grid_size: int, n_frames: int) -> float:
+    """The expected share of re-spawn frames among frames 1..n-1 of an n-frame sequence (frame 0 is a fresh
+    uniform pair): the distribution over (agent, goal) pairs pushed through the walk frame by frame, its
+    mass on the goal re-spawned uniformly. Tends to `respawn_rate` as n grows."""
+    step = _transition_table(check_grid_size(grid_size))
+    m = step.shape[0]
+    if not isinstance(n_frames, (int, np.integer)) or n_frames < 2:
+        raise ValueError(f"n_frames must be an integer >= 2 (frame 0 is never scored), got {n_frames!r}")
+    goal = np.tile(np.arange(m), m)                                    # flat index a * m + g
+    dest = step[np.repeat(np.arange(m), m)] * m + goal[:, None]        # (m*m, 4) pair after each action
+    fresh = np.full((m, m), 1.0 / (m * (m - 1)))
+    np.fill_diagonal(fresh, 0.0)
+    p, hits = fresh.reshape(-1), 0.0
+    for _ in range(int(n_frames) - 1):
+        p = np.bincount(dest.reshape(-1), weights=np.repeat(p / 4, 4), minlength=m * m)
+        hit = p.reshape(m, m).trace()                                  # the agent stands on the goal
+        hits += hit
+        p = p * (goal != np.repeat(np.arange(m), m)) + hit * fresh.reshape(-1)
+    return hits / (int(n_frames) - 1)
+
+
+# ---- a reference without memory -------------------------------------------------------------------------
+
+def _transitions(observed: np.ndarray, state: np.ndarray, grid_size: int):
+    """(previous observed frame (N, c), action (N,), next state frame (N, c)) over frames 1..n-1."""
+    obs_cells, actions = split_frames(observed, grid_size)
+    state_cells, _ = split_frames(state, grid_size)
+    c = obs_cells.shape[-1]
+    return (obs_cells[..., :-1, :].reshape(-1, c), actions[..., :-1].reshape(-1),
+            state_cells[..., 1:, :].reshape(-1, c))
+
+
+def fit_memoryless(observed: np.ndarray, state: np.ndarray, grid_size: int = DEFAULT_GRID_SIZE) -> dict:
+    """The memoryless reference's table, counted on sequences (B, n*l_f) as observed and as they are:
+    for each (previous observation that hides an object, action), the most frequent next state frame
+    (ties go to the lowest token row, so the table is deterministic). Observations that show everything
+    need no table: the dynamics (`oracle_predict`) are the best memoryless guess there."""
+    prev, act, nxt = _transitions(observed, state, grid_size)
+    partial = invalid_frames(prev)
+    c = prev.shape[-1]
+    rows = np.ascontiguousarray(np.concatenate([prev[partial], act[partial, None], nxt[partial]], axis=1),
+                                dtype=np.int8)                    # token ids < 8: one byte each
+    if not len(rows):
+        return {}
+    # unique over whole rows as byte strings (far faster than np.unique(axis=0)); the sort is bytewise,
+    # so the rows of one key are contiguous
+    _, first_seen, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(),
+                                      return_index=True, return_counts=True)
+    rows = rows[first_seen].astype(np.int64)
+    key_id = np.cumsum(np.r_[True, (rows[1:, :c + 1] != rows[:-1, :c + 1]).any(axis=1)]) - 1
+    order = np.lexsort((-counts, key_id))                        # per key, the most frequent row first
+    first = order[np.r_[True, key_id[order][1:] != key_id[order][:-1]]]
+    return {rows[i, :c + 1].tobytes(): rows[i, c + 1:].copy() for i in first}
+
+
+def _fill_missing(prev: np.ndarray) -> np.ndarray:
+    """Observations with an absent AGENT or GOAL given one on the first free interior cell (a valid guess)."""
+    out = prev.copy()
+    for kind in (AGENT, GOAL):
+        rows = np.flatnonzero(~(out == kind).any(axis=-1))
+        out[rows, (out[rows] == FLOOR).argmax(axis=-1)] = kind
+    return out
+
+
+def memoryless_predict(table: dict, prev: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """The memoryless reference: (N, l_g^2) previous observations, (N,) actions -> (N, l_g^2) state frames.
+    The dynamics where the observation shows everything; else the table's frame for (observation, action),
+    or, for a pair the fitting sample never saw, the dynamics from a fixed guess of the absent object."""
+    prev, action = np.asarray(prev), np.asarray(action)
+    partial = invalid_frames(prev)
+    out = oracle_predict(_fill_missing(prev), action)
+    keys = np.concatenate([prev, action[:, None]], axis=1).astype(np.int64)
+    for i in np.flatnonzero(partial):
+        hit = table.get(keys[i].tobytes())
+        if hit is not None:
+            out[i] = hit
+    return out
+
+
 # ---- the task object the harness and the registry use ----------------------------------------------
 
 class GridWorldTask:
@@ -279,8 +471,10 @@ class GridWorldTask:
     cell_tokens = CELL_TOKENS
     action_tokens = ACTION_TOKENS
 
-    def __init__(self, grid_size: int = DEFAULT_GRID_SIZE):
+    def __init__(self, grid_size: int = DEFAULT_GRID_SIZE, variant: str = DEFAULT_VARIANT):
         self.grid_size = check_grid_size(grid_size)
+        self.variant = check_variant(variant)
+        self.hidden_kind = VARIANTS[self.variant]   # None in `full`
         self.n_cells = self.grid_size ** 2          # tokens generated per frame
         self.frame_len = self.n_cells + 1           # l_f
 
@@ -288,17 +482,35 @@ class GridWorldTask:
         return check_length(n_tokens, self.grid_size, min_frames)
 
     def sample(self, batch_size: int, n_frames: int, seed: int = 0, return_info: bool = False):
-        return sample_sequences(batch_size, n_frames, self.grid_size, seed, return_info=return_info)
+        """The observed tokens (what a model reads); see sample_sequences."""
+        return sample_sequences(batch_size, n_frames, self.grid_size, seed, return_info=return_info,
+                                variant=self.variant)
 
-    frame_errors = staticmethod(frame_errors)
+    def sample_views(self, batch_size: int, n_frames: int, seed: int = 0):
+        """(observed tokens, state tokens, shown (B, n)): what a model reads and what it must predict.
+        In `full` both are the same array."""
+        obs, info = self.sample(batch_size, n_frames, seed, return_info=True)
+        return obs, info["state"], info["shown"]
+
+    def frame_errors(self, pred, target, prev=None, action=None):
+        return frame_errors(pred, target, prev, action, variant=self.variant)
+
+    def floor_pct(self, respawn_share: float) -> float:
+        return floor_pct(respawn_share, self.grid_size, self.variant)
+
     error_percent = staticmethod(error_percent)
     oracle_predict = staticmethod(oracle_predict)
+    memoryless_predict = staticmethod(memoryless_predict)
+
+    def fit_memoryless(self, observed, state) -> dict:
+        return fit_memoryless(observed, state, self.grid_size)
 
     def split_frames(self, tokens):
         return split_frames(tokens, self.grid_size)
 
     def __repr__(self) -> str:
-        return f"GridWorldTask(grid_size={self.grid_size}, frame_len={self.frame_len}, vocab_size={self.vocab_size})"
+        return (f"GridWorldTask(grid_size={self.grid_size}, variant={self.variant!r}, frame_len={self.frame_len}, "
+                f"vocab_size={self.vocab_size})")
 
 
 def _register() -> None:

@@ -8,6 +8,11 @@ frame to condition on; its cells 1..l_g^2-1 still count in the loss (they teach 
 the prior over positions; cell 0 has no predecessor at all), but frame 0 is never scored by the error
 metric, which needs a previous frame and action.
 
+Memory variants (`variant`, tasks/gridworld.py). The input is the sequence as the variant draws it (an
+object hidden on most frames) and the targets are the same positions of the full state frames, so the
+model learns to write the hidden object where it is: inputs[:, :-1] -> state[:, 1:]. In `full` the two
+are one array, and training is exactly the plain next-token objective above.
+
 Evaluation (held-out sequences, imagined and teacher-forced frames against the oracle floor,
 imagination wall-clock) is in gridworld_eval.py.
 Training ms/step is the median over `timed_steps` steps after 2 untimed ones (fwd + bwd + optimizer,
@@ -55,13 +60,15 @@ class GridWorldLM(nn.Module):
         """tokens (B, L) -> logits (B, L, V); logits[:, i] predicts tokens[:, i + 1]."""
         return self.head(self.backbone(self.embed(tokens)))
 
-    def loss(self, tokens: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    def loss(self, tokens: torch.Tensor, is_target: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose *target* token is a grid cell.
 
-        tokens (B, L) int64; is_target (V,) bool, True for the token ids that are predicted.
+        tokens (B, L) int64 (what the model reads); is_target (V,) bool, True for the token ids that are
+        predicted; targets (B, L) the tokens to predict at the same positions (default: tokens itself; a
+        memory variant passes the full state frames).
         """
         logits = self(tokens[:, :-1])                                   # (B, L-1, V)
-        tgt = tokens[:, 1:]
+        tgt = (tokens if targets is None else targets)[:, 1:]
         tgt = torch.where(is_target[tgt], tgt, torch.full_like(tgt, IGNORE))
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), tgt.reshape(-1),
                                ignore_index=IGNORE)
@@ -87,7 +94,9 @@ class RunConfig:
     """One grid-world run. Defaults = the `cpu` preset (L=1664 in <= 5 min on a 2-core CPU)."""
     backbone: str = "mamba2"
     task: str = "gridworld"
-    seq_len: int = 1664            # tokens, a multiple of l_f = 26
+    grid_size: int = 5             # l_g, the grid side (tasks/gridworld.py: MIN_GRID_SIZE..MAX_GRID_SIZE)
+    variant: str = "full"          # what frames show: full | goal_once | agent_once (tasks/gridworld.py)
+    seq_len: int = 1664            # tokens, a multiple of l_f = l_g^2 + 1 (26 at l_g = 5)
     seed: int = 0
     steps: int = 500               # optimizer steps
     batch_size: int = 0            # sequences per step; 0 = auto: max(1, tokens_per_step // seq_len)
@@ -165,7 +174,7 @@ def make_config(preset: str = "cpu", **overrides) -> RunConfig:
 
 def check_config(cfg: RunConfig):
     """Validate a config; returns (task object, number of frames). Raises ValueError with one line."""
-    task = get_task(cfg.task)()
+    task = get_task(cfg.task)(grid_size=cfg.grid_size, variant=cfg.variant)
     n_frames = task.check_length(cfg.seq_len, min_frames=2)   # a frame to predict from, and one to predict
     for name in ("steps", "batch_size", "d_model", "n_layers", "eval_sequences", "timed_steps",
                  "imagine_frames", "eval_batch"):
@@ -228,6 +237,15 @@ def build_model(cfg: RunConfig, task) -> GridWorldLM:
                        **cfg.backbone_options).to(torch.device(cfg.device))
 
 
+def _training_batch(task, cfg: RunConfig, n_frames: int, i: int, dev: torch.device):
+    """Batch i on the device: (inputs, targets), targets None in `full` (the inputs are the targets)."""
+    seed = train_seed(cfg.seed, i)
+    if task.hidden_kind is None:
+        return torch.from_numpy(task.sample(cfg.batch_size, n_frames, seed=seed)).to(dev), None
+    observed, state, _ = task.sample_views(cfg.batch_size, n_frames, seed=seed)
+    return torch.from_numpy(observed).to(dev), torch.from_numpy(state).to(dev)
+
+
 def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
     """Train a GridWorldLM for cfg.steps steps, evaluate it; returns {name: metric dict}."""
     cfg = cfg.resolved()
@@ -263,13 +281,13 @@ def _train_and_evaluate(cfg: RunConfig, task, n_frames: int, progress: bool) -> 
     with PeakMemory(dev) as mem:
         for i in bar:
             t0 = time.perf_counter()
-            batch = torch.from_numpy(task.sample(cfg.batch_size, n_frames, seed=train_seed(cfg.seed, i))).to(dev)
+            inputs, targets = _training_batch(task, cfg, n_frames, i, dev)
             sync(dev)
             t1 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(i, cfg)
             with autocast(cfg):
-                loss = model.loss(batch, is_target)
+                loss = model.loss(inputs, is_target, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -321,8 +339,9 @@ def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
     def v(k):
         return metrics.get(k, {}).get("value", float("nan"))
 
-    return [
-        f"{cfg.backbone} on {cfg.task}, L={cfg.seq_len}, seed {cfg.seed}, {cfg.steps} steps x batch {cfg.batch_size}, "
+    lines = [
+        f"{cfg.backbone} on {cfg.task} ({cfg.variant}, grid {cfg.grid_size}), L={cfg.seq_len}, seed {cfg.seed}, "
+        f"{cfg.steps} steps x batch {cfg.batch_size}, "
         f"d_model {cfg.d_model}, {cfg.n_layers} layers ({v('n_params'):,} parameters), {cfg.device} {cfg.dtype}",
         f"  train  {v('train_ms_per_step'):8.1f} ms/step   {v('tokens_per_s'):10,.0f} tokens/s   "
         f"peak memory {v('peak_memory') / 2**20:,.0f} MiB ({metrics['peak_memory']['method']})   "
@@ -335,6 +354,10 @@ def summary_lines(cfg: RunConfig, metrics: dict) -> list[str]:
         f"  imagine {v('imagine_ms_per_token'):.2f} ms/token after a {v('imagine_prefill_ms'):.0f} ms prefill   "
         f"train {v('train_time'):.0f} s, eval {v('eval_time'):.0f} s, final loss {v('final_loss'):.4f}",
     ]
+    if cfg.variant != "full":          # in `full` the memoryless reference is the oracle itself
+        lines.insert(3, f"         {v('memoryless_error_pct'):6.2f} % without memory (previous frame and action "
+                        f"only)   predictable frames {v('memoryless_error_pct_predictable'):.2f} %")
+    return lines
 
 
 __all__ = ["GridWorldLM", "RunConfig", "PRESETS", "make_config", "check_config", "train_and_evaluate",

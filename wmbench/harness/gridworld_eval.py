@@ -15,6 +15,15 @@ Evaluation, on held-out sequences drawn from a different seed stream than traini
     share of re-spawn frames. Errors are reported over all frames and over predictable frames only.
   * imagination wall-clock: at the longest context (the last frame, L - l_f tokens of context) the
     time of `prefill` and the ms per generated token of the greedy step loop.
+
+Memory variants (goal_once, agent_once). The model reads the frames as the variant draws them and writes
+full state frames; targets, the oracle's input and the metric are the state frames (the `full` tokens of
+the same seed). In imagination each written cell is fed back as the variant draws it on that frame: the
+hidden kind becomes FLOOR unless the frame shows it (frame 0 and re-spawn frames, known to the
+environment), so the model reads back exactly what it read in training. On predictable frames this is
+always FLOOR, so nothing of the target leaks. The memoryless reference (tasks.gridworld.memoryless_predict,
+its table counted on the seed stream [seed, 2]) is scored on the same frames: how far it is above the
+floor is what memory is worth on this variant, grid and length.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import numpy as np
 import torch
 
 from wmbench.core.measure import median, metric, sync
+from wmbench.tasks.gridworld import FLOOR
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -36,13 +46,23 @@ def autocast(cfg):
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
 
 
-# Seed streams: training batch i uses [seed, 0, i]; held-out data uses [seed, 1]. They never overlap.
+# Seed streams: training batch i uses [seed, 0, i]; held-out data uses [seed, 1]; the memoryless
+# reference's table [seed, 2]. They never overlap.
 def train_seed(seed: int, i: int) -> list[int]:
     return [seed, 0, i]
 
 
 def eval_seed(seed: int) -> list[int]:
     return [seed, 1]
+
+
+def memoryless_seed(seed: int) -> list[int]:
+    return [seed, 2]
+
+
+# transitions counted for the memoryless table: ~250 per (observation, action) key at l_g = 9 (196 keys),
+# enough for its most frequent next state to be stable; 0.2-0.5 s of sampling and counting there
+MEMORYLESS_FIT_FRAMES = 50_000
 
 
 def cell_mask(task, device) -> torch.Tensor:
@@ -74,41 +94,65 @@ def teacher_forced_frames(model, tokens: torch.Tensor, task, chunk: int) -> np.n
     return np.concatenate(out, axis=0)
 
 
-def _greedy_rollout(model, logits: torch.Tensor, state, n_cells: int, not_cell: torch.Tensor):
-    """From the logits after a context, generate n_cells cells greedily, feeding back each argmax."""
+def _feed_back(task, shown: torch.Tensor | None):
+    """How a written cell is read back (module docstring): None in `full` (as written); in a variant, the
+    hidden kind as FLOOR on the rows whose frame does not show it (shown (B,) bool; None: no row shows it)."""
+    kind = getattr(task, "hidden_kind", None)
+    if kind is None:
+        return None
+
+    def observe(tok: torch.Tensor) -> torch.Tensor:
+        hide = tok == kind
+        if shown is not None:
+            hide &= ~shown
+        return torch.where(hide, torch.full_like(tok, FLOOR), tok)
+    return observe
+
+
+def _greedy_rollout(model, logits: torch.Tensor, state, n_cells: int, not_cell: torch.Tensor, feed=None):
+    """From the logits after a context, generate n_cells cells greedily, feeding back each argmax
+    (through `feed`, when given: a memory variant reads back what it would have been shown)."""
     cells = []
     for _ in range(n_cells):
         tok = _greedy_cells(logits, not_cell)                      # (B,)
         cells.append(tok)
-        logits, state = model.step(tok, state)                     # fed back: a rollout would continue
+        logits, state = model.step(tok if feed is None else feed(tok), state)   # a rollout would continue
     return torch.stack(cells, dim=1)
 
 
+def _shown_at(shown, t: int, device) -> torch.Tensor | None:
+    return None if shown is None else torch.as_tensor(np.asarray(shown)[:, t], device=device)
+
+
 @torch.no_grad()
-def imagine_frame(model, context: torch.Tensor, task, max_len: int):
+def imagine_frame(model, context: torch.Tensor, task, max_len: int, shown=None):
     """Greedy imagination of the frame that follows `context` (B, T): prefill then n_cells steps.
 
+    shown (B,) bool: whether that frame draws the variant's hidden kind (ignored in `full`).
     Returns (cells (B, n_cells) int64, prefill seconds, generation seconds). Timings are synchronised.
     """
     dev = context.device
     not_cell = ~cell_mask(task, dev)
+    feed = _feed_back(task, None if shown is None else torch.as_tensor(np.asarray(shown), device=dev))
     state = model.init_state(context.shape[0], max_len=max_len)
     sync(dev)
     t0 = time.perf_counter()
     logits, state = model.prefill(context, state)
     sync(dev)
     t1 = time.perf_counter()
-    cells = _greedy_rollout(model, logits, state, task.n_cells, not_cell)
+    cells = _greedy_rollout(model, logits, state, task.n_cells, not_cell, feed)
     sync(dev)
     t2 = time.perf_counter()
     return cells.cpu().numpy(), t1 - t0, t2 - t1
 
 
 @torch.no_grad()
-def imagine_frames(model, tokens: torch.Tensor, task, positions: list[int], max_len: int) -> np.ndarray:
+def imagine_frames(model, tokens: torch.Tensor, task, positions: list[int], max_len: int,
+                   shown=None) -> np.ndarray:
     """Imagine frame t of every sequence for each t in `positions`, each from its true context.
 
-    tokens (B, n*l_f). One pass over the sequence: `prefill` the true tokens up to frame t (continuing
+    tokens (B, n*l_f) as observed; shown (B, n) bool, which frames draw the variant's hidden kind
+    (ignored in `full`). One pass over the sequence: `prefill` the true tokens up to frame t (continuing
     the state of the previous prefill), copy the state and roll the copy out greedily, so the cost is
     one prefill of the sequence plus len(positions) * n_cells steps. Returns (B, len(positions), n_cells).
     """
@@ -119,7 +163,8 @@ def imagine_frames(model, tokens: torch.Tensor, task, positions: list[int], max_
         logits, state = model.prefill(tokens[:, done:t * task.frame_len], state)
         done = t * task.frame_len
         branch = copy.deepcopy(state)                              # states may be updated in place
-        out.append(_greedy_rollout(model, logits, branch, task.n_cells, not_cell))
+        feed = _feed_back(task, _shown_at(shown, t, tokens.device))
+        out.append(_greedy_rollout(model, logits, branch, task.n_cells, not_cell, feed))
         del branch
     return torch.stack(out, dim=1).cpu().numpy()
 
@@ -145,13 +190,38 @@ def _summarise(task, pred, target, prev, action, prefix: str, method: str) -> di
     return out
 
 
+def _memoryless(task, cfg, n_frames: int, prev_seen, prev, act, tgt) -> dict:
+    """The memoryless reference on the imagined frames: prev_seen the observed frames before them, prev
+    the state frames before them (for the predictable flags), act the actions, tgt the state targets."""
+    if task.hidden_kind is None:
+        table = {}                         # every frame shows everything: the reference is the oracle
+    else:
+        n_seq = -(-MEMORYLESS_FIT_FRAMES // (n_frames - 1))
+        fit_obs, fit_state, _ = task.sample_views(n_seq, n_frames, seed=memoryless_seed(cfg.seed))
+        table = task.fit_memoryless(fit_obs, fit_state)
+    pred = task.memoryless_predict(table, prev_seen, act)
+    method = ("the previous observed frame and action only: the dynamics where it shows everything, else the "
+              "most frequent next state after it in a separate sample (tasks.gridworld.memoryless_predict)")
+    fe = task.frame_errors(pred, tgt, prev, act)
+    ok = fe["predictable"]
+    out = {"memoryless_error_pct": metric(task.error_percent(fe["geometric"], fe["logic"])["error"], "%",
+                                          f"{method}; on the imagined frames")}
+    if ok.any():
+        out["memoryless_error_pct_predictable"] = metric(
+            task.error_percent(fe["geometric"][ok], fe["logic"][ok])["error"], "%",
+            f"{method}; on the {int(ok.sum())} imagined frames that do not follow a re-spawn")
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, cfg, task, n_frames: int) -> dict:
     dev = torch.device(cfg.device)
     model.eval()
-    tokens_np = task.sample(cfg.eval_sequences, n_frames, seed=eval_seed(cfg.seed))
-    cells, actions = task.split_frames(tokens_np)                  # (E, n, n_cells), (E, n)
-    tokens = torch.from_numpy(tokens_np).to(dev)
+    # the model reads `observed`; `cells` are the state frames it must write (one array in `full`)
+    observed, state_np, shown = task.sample_views(cfg.eval_sequences, n_frames, seed=eval_seed(cfg.seed))
+    cells, actions = task.split_frames(state_np)                   # (E, n, n_cells), (E, n)
+    seen, _ = task.split_frames(observed)
+    tokens = torch.from_numpy(observed).to(dev)
     l_f, n_cells = task.frame_len, task.n_cells
     chunk = min(cfg.eval_sequences, cfg.eval_batch)
     out: dict = {}
@@ -178,7 +248,8 @@ def evaluate(model, cfg, task, n_frames: int) -> dict:
     preds = []
     with autocast(cfg):
         for i in range(0, cfg.eval_sequences, chunk):
-            preds.append(imagine_frames(model, tokens[i:i + chunk], task, positions, max_len=cfg.seq_len))
+            preds.append(imagine_frames(model, tokens[i:i + chunk], task, positions, max_len=cfg.seq_len,
+                                        shown=shown[i:i + chunk]))
     pos = np.array(positions)
     pred = np.concatenate(preds).reshape(-1, n_cells)              # (E * K, n_cells), sequence-major
     tgt = cells[:, pos].reshape(-1, n_cells)
@@ -193,15 +264,17 @@ def evaluate(model, cfg, task, n_frames: int) -> dict:
                                          "share of imagined frames that follow a re-spawn")
     out["error_above_floor_pp"] = metric(out["error_pct"]["value"] - out["oracle_error_pct"]["value"], "pp",
                                          "error_pct - oracle_error_pct on the same frames")
+    out.update(_memoryless(task, cfg, n_frames, seen[:, pos - 1].reshape(-1, n_cells), prev, act, tgt))
 
     # imagination wall-clock at the longest context: predict the last frame from L - l_f tokens
     b = min(cfg.batch_size, cfg.eval_sequences)
     ctx = tokens[:b, :(n_frames - 1) * l_f]
     pre_s, gen_s = [], []
     with autocast(cfg):
-        imagine_frame(model, ctx, task, max_len=cfg.seq_len)       # warm-up
+        last_shown = shown[:b, n_frames - 1]
+        imagine_frame(model, ctx, task, max_len=cfg.seq_len, shown=last_shown)       # warm-up
         for _ in range(3):
-            _, a, g = imagine_frame(model, ctx, task, max_len=cfg.seq_len)
+            _, a, g = imagine_frame(model, ctx, task, max_len=cfg.seq_len, shown=last_shown)
             pre_s.append(a)
             gen_s.append(g)
     out["imagine_ms_per_token"] = metric(1e3 * median(gen_s) / n_cells, "ms",
