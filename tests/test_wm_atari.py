@@ -168,6 +168,7 @@ def test_tiny_cell_end_to_end(tmp_path):
     (["--game", "Krull", "--len", "1"], "--len must be"),
     (["--game", "Krull", "--preset", "huge"], "unknown preset"),
     (["--game", "Krull", "--policy", "/nonexistent/run"], "no such run dir"),
+    (["--game", "Krull", "--variant", "goal_once"], "--variant applies to --task gridworld only"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):
     p = subprocess.run([sys.executable, "-m", "wmbench.cli", "run", "--task", "atari", *args, "--check"],

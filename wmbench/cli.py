@@ -208,6 +208,11 @@ def _add_run(sub):
     p.add_argument("--task", default="gridworld", help="workload (wmbench list)")
     p.add_argument("--len", dest="seq_len", type=int, default=_default(1664),
                    help="sequence length: tokens for gridworld; transitions per training window for atari (default 64)")
+    p.add_argument("--grid", dest="grid_size", type=int, default=_default(5),
+                   help="with --task gridworld: the grid side l_g, 4 to 16 (--len must be a multiple of l_g^2 + 1)")
+    p.add_argument("--variant", default=_default("full"),
+                   help="with --task gridworld: what the frames show: full (everything), goal_once (the goal only "
+                        "where it appears) or agent_once (the agent only where it appears); see README")
     p.add_argument("--game", help="with --task atari: the Atari game (wmbench list)")
     p.add_argument("--data-steps", dest="data_steps", type=int,
                    help="with --task atari: env steps in the offline dataset (default: the preset's)")
@@ -253,6 +258,9 @@ def _cmd_run(a) -> int:
                                            train_and_evaluate)
 
     if a.task == "atari":
+        for flag, v in (("--grid", a.grid_size), ("--variant", a.variant)):
+            if _given(v):
+                raise ValueError(f"{flag} applies to --task gridworld only")
         from wmbench.harness.wm_atari_cli import run_atari_cells
         return run_atari_cells(a, seq_len_given=_given(a.seq_len))
     if a.task != "gridworld":
@@ -265,7 +273,8 @@ def _cmd_run(a) -> int:
         a.device = str(resolve_device(a.device))     # auto -> cpu / cuda
     overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
                                             "eval_sequences", "dtype", "device", "threads", "tokens_per_step")}
-    cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s, **overrides)
+    cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s,
+                        grid_size=int(a.grid_size), variant=str(a.variant), **overrides)
             for s in a.seeds]
     for cfg in cfgs:                       # every seed's config is valid before any work starts
         check_config(cfg)
@@ -279,10 +288,16 @@ def _cmd_run(a) -> int:
     remove_orphans(runs_dir)
     failed = False
     existing = [] if a.force else _records_of(runs_dir, "gridworld")   # read once, not once per seed
+    for r in existing:                     # records from before --grid / --variant ran the full 5x5 task
+        if isinstance(r.get("config"), dict):
+            r["config"].setdefault("grid_size", 5)
+            r["config"].setdefault("variant", "full")
     for cfg in cfgs:
         done = _existing_record(existing, cfg.to_dict())
+        # the record name and messages name the grid and variant when they are not the paper's 5x5 full task
+        cell = "" if (cfg.grid_size, cfg.variant) == (5, "full") else f"{cfg.variant}-g{cfg.grid_size}-"
         if done is not None:
-            print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: already done (--force runs it again)")
+            print(f"{cell}{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: already done (--force runs it again)")
             print(f"record: {done}")
             continue
         status = "ok"
@@ -298,8 +313,8 @@ def _cmd_run(a) -> int:
         if status == "ok":
             print("\n".join(summary_lines(cfg, metrics)))
         else:
-            print(f"{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: out of memory")
-        name = f"gridworld-{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-" + \
+            print(f"{cell}{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: out of memory")
+        name = f"gridworld-{cell}{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-" + \
             rec["created_at"].replace(":", "").replace("-", "")[:15]
         try:
             print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")
@@ -362,7 +377,28 @@ def _add_atari(sub):  # the Drama agent: wmbench/agent/
     add_parser(sub)
 
 
-COMMANDS = [_add_run, _add_atari, _add_bench, _add_report, _add_list]
+def _add_imagine(sub):
+    p = sub.add_parser("imagine", help="a 'true | imagined | error' video of open-loop rollouts from a trained world model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--record", help="a `wmbench run --task atari` record (its saved world model and held-out data)")
+    src.add_argument("--run-dir", dest="run_dir", help="an agent's run dir (`wmbench atari`): its newest checkpoint")
+    p.add_argument("--out", help="output path without extension (default: results/videos/imagine-<name>)")
+    p.add_argument("--samples", type=int, default=4, help="windows, one row each")
+    p.add_argument("--context", type=int, default=16, help="real frames prefilled before imagining")
+    p.add_argument("--horizon", type=int, default=16, help="imagined steps shown")
+    p.add_argument("--scale", type=int, default=2, help="enlargement of 64-pixel frames")
+    p.set_defaults(func=_cmd_imagine)
+
+
+def _cmd_imagine(a) -> int:
+    from wmbench.harness.imagine_video import imagine_video
+    for path in imagine_video(a.record, a.run_dir, a.out, a.samples, a.context, a.horizon, a.scale):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = [_add_run, _add_atari, _add_bench, _add_report, _add_imagine, _add_list]
 
 
 def one_line(message: str) -> str:

@@ -191,6 +191,23 @@ def horizon_squared_errors(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray
     return (pred - true).pow(2).flatten(2).sum((0, 2)).double().cpu().numpy()
 
 
+@torch.no_grad()
+def open_loop(wm, z_ctx: torch.Tensor, actions: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Decoded open-loop imagination: z_ctx (B, k, K*C) latents of k real frames, actions (B, k + horizon)
+    the true actions -> (B, horizon, C, H, W) predicted frames k .. k + horizon - 1. The context is
+    prefilled in one pass; each step takes the prior's mode as the next latent and feeds it back."""
+    B, k = z_ctx.shape[:2]
+    state = wm.backbone.init_state(B, max_len=k + horizon)
+    h_ctx, state = wm.backbone.prefill(wm.embed(z_ctx, actions[:, :k]), state)
+    h_t, preds = h_ctx[:, -1], []
+    for j in range(horizon):
+        z_t = _mode(wm.prior(h_t))                                           # ẑ_{k+j} from d_{k+j-1}
+        preds.append(wm.decoder(z_t))
+        if j + 1 < horizon:
+            h_t, state = wm.backbone.step(wm.embed(z_t, actions[:, k + j]), state)
+    return torch.stack(preds, 1)
+
+
 def _mode(logp: torch.Tensor) -> torch.Tensor:
     """(..., K, C) log-probs -> one-hot of each variable's most likely class, flattened (..., K*C)."""
     return F.one_hot(logp.argmax(-1), logp.shape[-1]).to(logp.dtype).flatten(-2)
@@ -203,7 +220,7 @@ def evaluate(wm, ds, starts: np.ndarray, cfg: AtariWMConfig) -> dict:
     wm.eval()
     k, H = cfg.ol_context, cfg.ol_horizon
     sums = {"se": 0.0, "px": 0, "rew_ae": 0.0, "term_bce": 0.0, "term_err": 0.0, "kl": 0.0, "steps": 0, "kl_n": 0}
-    ol_se, base_se, ol_px = np.zeros(H), np.zeros(H), 0
+    ol_se, ol_rec_se, base_se, ol_px = np.zeros(H), np.zeros(H), np.zeros(H), 0
     for i in range(0, len(starts), cfg.eval_batch):
         b = gather(ds, starts[i:i + cfg.eval_batch], cfg.seq_len)
         B, L = b["action"].shape
@@ -227,15 +244,11 @@ def evaluate(wm, ds, starts: np.ndarray, cfg: AtariWMConfig) -> dict:
         sums["kl_n"] += kl.numel()
         # open loop: prefill k real steps, then imagine H with the true actions
         frames = target.view(B, L, *target.shape[1:])
-        state = wm.backbone.init_state(B, max_len=k + H)
-        h_ctx, state = wm.backbone.prefill(wm.embed(z[:, :k], a[:, :k]), state)
-        h_t, preds = h_ctx[:, -1], []
-        for j in range(H):
-            z_t = _mode(wm.prior(h_t))                                       # ẑ_{k+j} from d_{k+j-1}
-            preds.append(wm.decoder(z_t))
-            h_t, state = wm.backbone.step(wm.embed(z_t, a[:, k + j]), state)
         true = frames[:, k:k + H]
-        ol_se += horizon_squared_errors(torch.stack(preds, 1), true)
+        pred = open_loop(wm, z[:, :k], a[:, :k + H], H)
+        ol_se += horizon_squared_errors(pred, true)
+        # against the true frames' own reconstructions: the dynamics' error without the autoencoder's
+        ol_rec_se += horizon_squared_errors(pred, recon.view(B, L, *recon.shape[1:])[:, k:k + H])
         base_se += horizon_squared_errors(frames[:, k - 1:k].expand_as(true), true)
         ol_px += frames[:, 0].numel()
     wm.train()
@@ -254,7 +267,8 @@ def evaluate(wm, ds, starts: np.ndarray, cfg: AtariWMConfig) -> dict:
                                 f"at horizon {H}: prefill {k} real steps, imagine with the true actions, "
                                 f"prior mode fed back, decoded; per_horizon = h 1..{H}",
                                 per_horizon=(ol_se / ol_px).tolist(),
-                                repeat_last_frame=(base_se / ol_px).tolist()),
+                                repeat_last_frame=(base_se / ol_px).tolist(),
+                                vs_reconstruction=(ol_rec_se / ol_px).tolist()),
     }
 
 

@@ -135,7 +135,7 @@ def run_atari_cells(a, seq_len_given: bool) -> int:
         name = f"wm-atari-{cfg.game}-{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-{stamp}"
         model_path = _save_model(wm, name)
         if model_path:
-            rec["artifacts"] = {"world_model": str(model_path)}
+            rec["artifacts"] = {"world_model": str(Path(model_path).resolve())}
         print(summary_line(cfg, metrics))
         try:
             print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")

@@ -33,13 +33,32 @@ def _value(rec: dict, name: str) -> float:
     return float(m["value"]) if isinstance(m, dict) and m.get("value") is not None else math.nan
 
 
+GRID_DEFAULTS = {"grid_size": 5, "variant": "full"}    # what records from before --grid / --variant ran
+VARIANT_ORDER = ["full", "goal_once", "agent_once"]
+
+
+def _grid_defaults(rec: dict) -> dict:
+    """The record with GRID_DEFAULTS filled into a copy of its config (the record itself is untouched)."""
+    return {**rec, "config": {**GRID_DEFAULTS, **rec["config"]}}
+
+
+def _newest_per_run(records: list[dict]) -> list[dict]:
+    """Each run once after GRID_DEFAULTS: an old record and a newer one that spells out grid 5 / full are
+    the same run (`dedupe` has already merged exact repeats); the newer is kept."""
+    newest: dict[str, dict] = {}
+    for rec in sorted(records, key=lambda r: (str(r.get("created_at", "")), str(r.get("_path", "")))):
+        newest[record_key(rec) if {"kind", "environment"} <= set(rec) else str(id(rec))] = rec
+    return list(newest.values())
+
+
 def gridworld_frame(records: list[dict]) -> pd.DataFrame:
     """One row per run record (per seed)."""
     rows = []
-    for r in records:
+    for r in _newest_per_run([_grid_defaults(r) for r in records]):
         c = r["config"]
         rows.append({
             "backbone": c.get("backbone"), "seq_len": int(c.get("seq_len")), "seed": c.get("seed"),
+            "grid_size": int(c["grid_size"]), "variant": str(c["variant"]),
             "status": r.get("status", "ok"), "device_name": r["environment"].get("device_name"),
             "batch_size": c.get("batch_size"),
             "train_ms": _value(r, "train_ms_per_step"), "peak_mib": _value(r, "peak_memory") / 2**20,
@@ -48,6 +67,7 @@ def gridworld_frame(records: list[dict]) -> pd.DataFrame:
             "floor": _value(r, "oracle_error_pct"), "tokens_per_s": _value(r, "tokens_per_s"),
             "imagine_ms_per_token": _value(r, "imagine_ms_per_token"),
             "teacher_forced_error": _value(r, "teacher_forced_error_pct"),
+            "memoryless_predictable": _value(r, "memoryless_error_pct_predictable"),
         })
     return pd.DataFrame(rows)
 
@@ -58,13 +78,15 @@ def _std(x: pd.Series) -> float:
 
 
 def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Aggregate over seeds; join the paper's numbers."""
+    """Aggregate over seeds per (variant, grid, backbone, length, hardware); join the paper's numbers
+    (on the paper's task only: grid 5, full)."""
     rows = []
-    for (b, n, hw), g in df.fillna({"device_name": "unknown"}).groupby(["backbone", "seq_len", "device_name"]):
+    keys = ["variant", "grid_size", "backbone", "seq_len", "device_name"]
+    for (v, gs, b, n, hw), g in df.fillna({"device_name": "unknown"}).groupby(keys):
         ok = g[g.status == "ok"]
         oom = len(ok) == 0 and (g.status == "OOM").any()
         rows.append({
-            "backbone": b, "seq_len": n, "hardware": hw, "seeds": len(ok),
+            "backbone": b, "grid_size": gs, "variant": v, "seq_len": n, "hardware": hw, "seeds": len(ok),
             "train_ms": np.nan if oom else ok.train_ms.mean(),
             "memory_mib": np.nan if oom else ok.peak_mib.mean(),
             "memory_pct_8GiB": np.nan if oom else 100 * ok.peak_mib.mean() * 2**20 / GIB8,
@@ -72,6 +94,7 @@ def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
             "error_pred_mean": ok.error_predictable.mean() if len(ok) else np.nan,
             "error_pred_std": _std(ok.error_predictable),
             "floor": ok.floor.mean() if len(ok) else np.nan,
+            "memoryless_pred_mean": ok.memoryless_predictable.mean() if len(ok) else np.nan,
             "imagine_ms_per_token": ok.imagine_ms_per_token.mean() if len(ok) else np.nan,
             "tokens_per_s": ok.tokens_per_s.mean() if len(ok) else np.nan,
             "status": "OOM" if oom else "ok",
@@ -82,9 +105,12 @@ def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
     paper = paper_table2().rename(columns={
         "train_ms_per_step": "paper_train_ms", "memory_pct_of_8GiB": "paper_memory_pct_8GB",
         "error_pct_mean": "paper_error_mean", "error_pct_std": "paper_error_std"})
-    out = out.merge(paper, on=["backbone", "seq_len"], how="left")
+    paper = paper.assign(**GRID_DEFAULTS)
+    out = out.merge(paper, on=["backbone", "seq_len", *GRID_DEFAULTS], how="left")
     out["_o"] = out.backbone.map({b: i for i, b in enumerate(ORDER)}).fillna(len(ORDER))
-    return out.sort_values(["seq_len", "_o", "backbone", "hardware"]).drop(columns="_o").reset_index(drop=True)
+    out["_v"] = out.variant.map({v: i for i, v in enumerate(VARIANT_ORDER)}).fillna(len(VARIANT_ORDER))
+    order = ["_v", "variant", "grid_size", "seq_len", "_o", "backbone", "hardware"]
+    return out.sort_values(order).drop(columns=["_o", "_v"]).reset_index(drop=True)
 
 
 def _pm(mean, std, fmt="{:.1f}") -> str:
@@ -107,20 +133,26 @@ def gridworld_markdown(table: pd.DataFrame, hardware: list[str]) -> str:
         f"Ours: {', '.join(hardware) or 'unknown hardware'}. Paper: a laptop GPU (memory as % of 8 GB). "
         "Error (%) = mean(E_g, E_l) over imagined frames, mean ± sample std over seeds; "
         "'floor' is the perfect-dynamics oracle on the same frames (re-spawns are unpredictable); "
-        "'pred.' is the error on predictable frames only.", "",
-        "| backbone | L | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % | paper error % "
-        "| floor % | error % pred. | imagine ms/token |" + (" hardware |" if len(hardware) > 1 else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if len(hardware) > 1 else ""),
+        "'pred.' is the error on predictable frames only. 'grid' is the side l_g; 'variant' says what frames "
+        "show (full: everything, the paper's task; goal_once / agent_once: that object only where it appears, "
+        "and the error is on the true state frames, hidden object included; README). 'no memory' is the "
+        "reference that sees only the previous frame and action, on predictable frames: a backbone's distance "
+        "below it is what its memory is worth. The paper columns apply to grid 5, full only.", "",
+        "| backbone | grid | variant | L | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % "
+        "| paper error % | floor % | error % pred. | no memory % pred. | imagine ms/token |"
+        + (" hardware |" if len(hardware) > 1 else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if len(hardware) > 1 else ""),
     ]
     for r in table.itertuples():
         oom = r.status == "OOM"
         mem = "OOM" if oom else f"{r.memory_mib:,.0f} ({r.memory_pct_8GiB:.0f}%)"
         paper_mem = r.paper_memory_pct_8GB if isinstance(r.paper_memory_pct_8GB, str) else _num(r.paper_memory_pct_8GB)
         lines.append(
-            f"| {r.backbone} | {r.seq_len} | {r.seeds} | {'OOM' if oom else _num(r.train_ms)} | {_num(r.paper_train_ms)} "
+            f"| {r.backbone} | {r.grid_size} | {r.variant} | {r.seq_len} | {r.seeds} "
+            f"| {'OOM' if oom else _num(r.train_ms)} | {_num(r.paper_train_ms)} "
             f"| {mem} | {paper_mem} | {_pm(r.error_mean, r.error_std)} | {_pm(r.paper_error_mean, r.paper_error_std)} "
             f"| {_num(r.floor, '{:.1f}')} | {_pm(r.error_pred_mean, r.error_pred_std)} "
-            f"| {_num(r.imagine_ms_per_token, '{:.2f}')} |" + (f" {r.hardware} |" if len(hardware) > 1 else ""))
+            f"| {_num(r.memoryless_pred_mean, '{:.1f}')} | {_num(r.imagine_ms_per_token, '{:.2f}')} |" + (f" {r.hardware} |" if len(hardware) > 1 else ""))
     lines += ["", "Regenerate: `wmbench report` (reads every record under results/runs/)."]
     return "\n".join(lines) + "\n"
 
@@ -169,12 +201,19 @@ def gridworld_plots(df: pd.DataFrame, table: pd.DataFrame, plots_dir: Path) -> l
     paths.append(_savefig(fig, plots_dir / "gridworld_memory_vs_length.png"))
     plt.close(fig)
 
+    # the error plot shows one task, the paper's (grid 5, full) where there is one: grids and variants
+    # have floors of their own
+    rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    cells = sorted(set(zip(ok.variant, ok.grid_size)), key=lambda c: (rank.get(c[0], len(rank)), c[0], c[1] != 5, c[1]))
+    task = cells[0] if cells else ("full", 5)
+    ok = ok[(ok.variant == task[0]) & (ok.grid_size == task[1])]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.barplot(data=ok, x="backbone", y="error", hue="seq_len", order=hue_order, errorbar="sd", ax=ax)
     floor = ok.floor.mean() if len(ok) else math.nan
     if not math.isnan(floor):
         ax.axhline(floor, color="k", ls="--", lw=1, label=f"oracle floor {floor:.1f}%")
-    ax.set(xlabel="backbone", ylabel="error (%)", title="Grid world: imagination error by backbone")
+    ax.set(xlabel="backbone", ylabel="error (%)", title="Grid world: imagination error by backbone"
+           + ("" if task == ("full", 5) else f" ({task[0]}, grid {task[1]})"))
     ax.legend(title="length")
     paths.append(_savefig(fig, plots_dir / "gridworld_error_by_backbone.png"))
     plt.close(fig)
@@ -245,6 +284,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from wmbench.report.atari import atari_markdown, learning_curves
     from wmbench.report.peers import peers_markdown
+    from wmbench.report.wm_atari import wm_atari_csv, wm_atari_markdown, wm_atari_plots
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f"no run records under {runs_dir} (no such folder)")
     out = writable_dir(out_dir, "--out")
@@ -253,12 +293,13 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     if machine:
         records = [r for r in records if machine.lower() in str(r["environment"].get("device_name", "")).lower()]
     by_kind = {k: [r for r in records if r["kind"] == k]
-               for k in ("gridworld", "bench", "atari", "agent-bench", "peer-bench")}
+               for k in ("gridworld", "bench", "atari", "agent-bench", "peer-bench", "wm-atari")}
     by_kind["gridworld"] = _usable(by_kind["gridworld"], lambda rs: gridworld_table(gridworld_frame(rs)), skipped)
     by_kind["bench"] = _usable(by_kind["bench"], bench_markdown, skipped)
     by_kind["atari"] = _usable(by_kind["atari"], atari_markdown, skipped)
     by_kind["agent-bench"] = _usable(by_kind["agent-bench"], agent_bench_markdown, skipped)
     by_kind["peer-bench"] = _usable(by_kind["peer-bench"], peers_markdown, skipped)
+    by_kind["wm-atari"] = _usable(by_kind["wm-atari"], wm_atari_markdown, skipped)
     messages = [f"warning: skipping {p}: {why}" for p, why in skipped]
     if strict and skipped:
         raise UserError(f"{len(skipped)} unusable record(s), first {skipped[0][0]}: {skipped[0][1]} (--strict)")
@@ -285,6 +326,10 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     if by_kind["atari"]:
         written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(by_kind["atari"])))
         written += learning_curves(by_kind["atari"], out / "plots")
+    if by_kind["wm-atari"]:
+        written.append(atomic_write_text(out / "tables" / "wm_atari.md", wm_atari_markdown(by_kind["wm-atari"])))
+        written.append(atomic_write_text(out / "tables" / "wm_atari.csv", wm_atari_csv(by_kind["wm-atari"])))
+        written += wm_atari_plots(by_kind["wm-atari"], out / "plots")
     if not written:
         raise FileNotFoundError(f"no usable run records under {runs_dir}"
                                 + (f" for machine {machine!r}" if machine else "")
