@@ -183,3 +183,37 @@ def test_len_beyond_the_episodes_is_refused(tmp_path):
                         "--runs-dir", str(tmp_path / "runs"), "--no-progress"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "longer than every" in p.stderr or "at least 2" in p.stderr, p.stderr
+
+
+def _fake_record(backbone, seed, train_ms, psnr, imag):
+    from wmbench.core.measure import metric
+    from wmbench.core.records import make_record
+    cfg = {**make_config("cpu", backbone=backbone, seed=seed).to_dict(), "dataset_key": KEY.as_dict()}
+    m = {"train_ms_per_step": metric(train_ms, "ms"), "peak_memory": metric(2**20 * 100, "bytes"),
+         "recon_psnr": metric(psnr, "dB"), "recon_mse": metric(10 ** (-psnr / 10), "per-pixel MSE"),
+         "open_loop_mse": metric(0.01, "per-pixel MSE", per_horizon=[0.005, 0.01], repeat_last_frame=[0.004, 0.006],
+                                 vs_reconstruction=[0.0, 0.002]),
+         "reward_mae": metric(0.5, "reward units"), "termination_error": metric(0.01, "fraction"),
+         "dynamics_kl": metric(1.0, "nats per step"), "imagine_ms_per_step": metric(imag, "ms per imagined step")}
+    return make_record("wm-atari", cfg, m)
+
+
+def test_report_table_is_mean_and_std_over_seeds(tmp_path):
+    from wmbench.core.records import write_record
+    from wmbench.report.tables import build_report
+    runs = tmp_path / "runs"
+    for seed, (ms, psnr) in enumerate([(100.0, 20.0), (140.0, 24.0)]):
+        write_record(_fake_record("gru", seed, ms, psnr, {"8": 10.0 + seed, "1024": None}), runs, f"g{seed}")
+    write_record(_fake_record("mamba2", 0, 90.0, 22.0, {"8": 30.0, "1024": 31.0}), runs, "m0")
+    paths, _ = build_report(runs, tmp_path / "out")
+    names = {p.name for p in paths}
+    assert {"wm_atari.md", "wm_atari.csv", "wm_atari_horizon.png", "wm_atari_imagination.png"} <= names
+    md = (tmp_path / "out" / "tables" / "wm_atari.md").read_text()
+    gru = next(line for line in md.splitlines() if "| gru |" in line)
+    # mean 120, sample std sqrt(((100-120)^2 + (140-120)^2) / 1) = 28.28; PSNR 22.00 ± 2.83; OOM at 1024 -> —
+    assert "| 2 | 120 ± 28 |" in gru and "22.00 ± 2.83" in gru and "10.5 ± 0.7" in gru and gru.endswith("| — |")
+    assert md.index("| mamba2 |") < md.index("| gru |")             # the paper's backbone first
+    import pandas as pd
+    df = pd.read_csv(tmp_path / "out" / "tables" / "wm_atari.csv")
+    row = df[df.backbone == "gru"].iloc[0]
+    assert row.train_ms_mean == 120 and abs(row.train_ms_std - 800 ** 0.5) < 1e-9 and row.n_seeds == 2

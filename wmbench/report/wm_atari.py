@@ -58,6 +58,9 @@ def wm_atari_rows(records: list[dict]) -> list[dict]:
             "ol_mse": [x["open_loop_mse"]["value"] for x in m],
             "ol_curve": np.mean([x["open_loop_mse"]["per_horizon"] for x in m], 0).tolist(),
             "repeat_curve": np.mean([x["open_loop_mse"]["repeat_last_frame"] for x in m], 0).tolist(),
+            "dyn_mse": [x["open_loop_mse"]["vs_reconstruction"][-1] for x in m if "vs_reconstruction" in x["open_loop_mse"]],
+            "dyn_curve": (np.mean([x["open_loop_mse"]["vs_reconstruction"] for x in m], 0).tolist()
+                          if all("vs_reconstruction" in x["open_loop_mse"] for x in m) else None),
             "reward_mae": [x["reward_mae"]["value"] for x in m],
             "term_err": [x["termination_error"]["value"] for x in m],
             "kl": [x["dynamics_kl"]["value"] for x in m],
@@ -72,7 +75,8 @@ def wm_atari_markdown(records: list[dict]) -> str:
              "The Drama world-model shell trained on a fixed offline dataset per game (every backbone on the same "
              "batches), scored on held-out episodes. Mean ± std over seeds (n). Open-loop MSE: per-pixel MSE of "
              "the decoded imagination at the last horizon, after prefilling real frames; 'repeat last' is the "
-             "MSE of repeating the last real frame. Imagination: ms per imagined step at batch 1024 after a "
+             "MSE of repeating the last real frame; 'vs recon.' scores the imagination against the true frames' "
+             "own reconstructions (the dynamics' error without the autoencoder's). Imagination: ms per imagined step at batch 1024 after a "
              "prefill of c steps.", ""]
     by_machine: dict[str, list[dict]] = {}
     for r in rows:
@@ -81,13 +85,14 @@ def wm_atari_markdown(records: list[dict]) -> str:
         ctxs = sorted({c for r in rs for c in r["imag"]}, key=int)
         lines += [f"## {machine}", "",
                   "| game | backbone | len | steps | n | train ms/step | peak MiB | recon PSNR dB | open-loop MSE "
-                  "| repeat last | reward MAE | term. error | KL nats | " + " | ".join(f"imag. ms @{c}" for c in ctxs)
-                  + " |", "|---|---|---:|---:|---:|" + "---:|" * (8 + len(ctxs))]
+                  "| repeat last | open-loop vs recon. | reward MAE | term. error | KL nats | " + " | ".join(f"imag. ms @{c}" for c in ctxs)
+                  + " |", "|---|---|---:|---:|---:|" + "---:|" * (9 + len(ctxs))]
         for r in rs:
             imag = " | ".join(_ms(r["imag"].get(c, []), ".1f") for c in ctxs)
             lines.append(f"| {r['game']} | {r['backbone']} | {r['len']} | {r['steps']} | {r['n_seeds']} "
                          f"| {_ms(r['train_ms'], '.0f')} | {_ms(r['peak_mib'], '.0f')} | {_ms(r['psnr'], '.2f')} "
-                         f"| {_ms(r['ol_mse'], '.4f')} | {r['repeat_curve'][-1]:.4f} | {_ms(r['reward_mae'], '.3f')} "
+                         f"| {_ms(r['ol_mse'], '.4f')} | {r['repeat_curve'][-1]:.4f} | {_ms(r['dyn_mse'], '.5f')} "
+                         f"| {_ms(r['reward_mae'], '.3f')} "
                          f"| {_ms(r['term_err'], '.4f')} | {_ms(r['kl'], '.2f')} | {imag} |")
         lines.append("")
     return "\n".join(lines)
@@ -98,8 +103,10 @@ def wm_atari_csv(records: list[dict]) -> str:
     flat = []
     for r in wm_atari_rows(records):
         row = {k: r[k] for k in ("machine", "game", "backbone", "len", "preset", "steps", "n_seeds")}
-        for k in ("train_ms", "peak_mib", "psnr", "ol_mse", "reward_mae", "term_err", "kl"):
-            row[f"{k}_mean"], row[f"{k}_std"] = float(np.mean(r[k])), float(np.std(r[k], ddof=1)) if len(r[k]) > 1 else 0.0
+        for k in ("train_ms", "peak_mib", "psnr", "ol_mse", "dyn_mse", "reward_mae", "term_err", "kl"):
+            vals = r[k]
+            row[f"{k}_mean"] = float(np.mean(vals)) if vals else None
+            row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         for c, v in r["imag"].items():
             v = [x for x in v if x is not None]
             row[f"imag_ms_ctx{c}"] = float(np.mean(v)) if v else None
@@ -119,13 +126,15 @@ def wm_atari_plots(records: list[dict], out_dir: Path) -> list[Path]:
     if not rows:
         return []
     games = sorted({(r["machine"], r["game"]) for r in rows})
+    several = len({m for m, _ in games}) > 1
     written = []
-    for name, draw in (("wm_atari_horizon.png", _horizon), ("wm_atari_imagination.png", _imagination)):
-        fig, axes = plt.subplots(1, len(games), figsize=(4.8 * len(games), 3.8), squeeze=False)
-        for ax, (machine, game) in zip(axes[0], games):
-            draw(ax, [r for r in rows if r["machine"] == machine and r["game"] == game])
-            ax.set_title(f"{game} ({machine})" if len({m for m, _ in games}) > 1 else game, fontsize=10)
-        axes[0][0].legend(fontsize=8)
+    for name, panels in (("wm_atari_horizon.png", (_horizon, _horizon_dynamics)), ("wm_atari_imagination.png", (_imagination,))):
+        fig, axes = plt.subplots(len(panels), len(games), figsize=(4.8 * len(games), 3.8 * len(panels)), squeeze=False)
+        for row, draw in enumerate(panels):
+            for ax, (machine, game) in zip(axes[row], games):
+                draw(ax, [r for r in rows if r["machine"] == machine and r["game"] == game])
+                ax.set_title(f"{game} ({machine})" if several else game, fontsize=10)
+            axes[row][0].legend(fontsize=8)
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=120)
@@ -146,6 +155,13 @@ def _horizon(ax, rows: list[dict]) -> None:
         h = np.arange(1, len(rows[0]["repeat_curve"]) + 1)
         ax.plot(h, rows[0]["repeat_curve"], "k--", lw=1, label="repeat last real frame")
     ax.set(xlabel="imagination horizon (steps)", ylabel="per-pixel MSE")
+
+
+def _horizon_dynamics(ax, rows: list[dict]) -> None:
+    for r in rows:
+        if r["dyn_curve"] is not None:
+            ax.plot(np.arange(1, len(r["dyn_curve"]) + 1), r["dyn_curve"], marker=".", label=_label(r))
+    ax.set(xlabel="imagination horizon (steps)", ylabel="per-pixel MSE vs reconstruction")
 
 
 def _imagination(ax, rows: list[dict]) -> None:
