@@ -144,7 +144,8 @@ def test_faithful_code_sets_every_code_choice_and_explicit_values_win():
     for field, paper, code, _ in PAPER_VS_CODE:
         if field != "amp":
             assert getattr(m, field) == code, field
-    assert m.amp is False                       # this CPU has no native bf16 (AVX2): fp32, as measured
+    from wmbench.agent.config import bf16_native
+    assert m.amp is bf16_native(torch.device("cpu"))   # the code's bf16 only where the CPU has it natively
     assert cfg.dfs_mode == "official" and cfg.stale_reset_frame is True
     # explicit values win over the switch
     cfg2 = check_config(resolve_config("tiny", game="gridgoal", faithful="code", stale_reset_frame=False,

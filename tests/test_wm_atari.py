@@ -217,3 +217,30 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path):
     df = pd.read_csv(tmp_path / "out" / "tables" / "wm_atari.csv")
     row = df[df.backbone == "gru"].iloc[0]
     assert row.train_ms_mean == 120 and abs(row.train_ms_std - 800 ** 0.5) < 1e-9 and row.n_seeds == 2
+
+
+def test_policy_run_dir_plays_the_dataset_and_a_mismatch_is_refused(tmp_path):
+    """--policy: an agent's checkpoint (a tiny gridgoal run) plays the data; its id keys the cache; a run dir
+    of another game is one line and exit 2."""
+    env = {**__import__("os").environ, "WMBENCH_MALLOC": "system"}
+    run = tmp_path / "agent"
+    p = subprocess.run([sys.executable, "-m", "wmbench.cli", "atari", "--game", "gridgoal", "--preset", "tiny",
+                        "--steps", "40", "--warmup", "20", "--eval-every", "0", "--final-eval-episodes", "1",
+                        "--checkpoint-every", "20", "--threads", "1", "--no-progress", "--no-estimate",
+                        "--run-dir", str(run), "--runs-dir", str(tmp_path / "agent-runs")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    cell = [sys.executable, "-m", "wmbench.cli", "run", "--task", "atari", "--policy", str(run), "--steps", "2",
+            "--data-steps", "400", "--len", "8", "--eval-sequences", "2", "--d-model", "16", "--layers", "1",
+            "--threads", "1", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+            "--no-progress"]
+    bad = subprocess.run(cell + ["--game", "Krull", "--check"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "was trained on 'gridgoal', not Krull" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    ok = subprocess.run(cell + ["--game", "gridgoal"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr
+    rec = json.loads(open(ok.stdout.strip().splitlines()[-1].split("record: ")[1]).read())
+    assert rec["config"]["dataset_key"]["policy"].startswith("checkpoint:")
+    assert rec["config"]["policy"] == str(run.resolve())

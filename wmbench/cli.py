@@ -261,6 +261,7 @@ def _cmd_run(a) -> int:
         for flag, v in (("--grid", a.grid_size), ("--variant", a.variant)):
             if _given(v):
                 raise ValueError(f"{flag} applies to --task gridworld only")
+        _check_seeds(a.seeds)
         from wmbench.harness.wm_atari_cli import run_atari_cells
         return run_atari_cells(a, seq_len_given=_given(a.seq_len))
     if a.task != "gridworld":
@@ -335,20 +336,13 @@ def _check_seeds(seeds: list[int]) -> None:
 
 
 def _records_of(runs_dir, kind: str) -> list[dict]:
-    import warnings
-
-    from wmbench.core.records import load_records
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # foreign files are the report's business
-        return load_records(runs_dir, kind=kind)
+    from wmbench.core.records import records_of
+    return records_of(runs_dir, kind)
 
 
 def _existing_record(records: list[dict], config: dict) -> str | None:
-    """The newest of `records` made with exactly `config`, or None."""
-    import json
-    want = json.loads(json.dumps(config, default=str))
-    recs = [r for r in records if r.get("config") == want]
-    return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
+    from wmbench.core.records import existing_record
+    return existing_record(records, config)
 
 
 def _add_report(sub):

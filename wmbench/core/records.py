@@ -226,3 +226,19 @@ def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None 
             rec["_path"] = str(path)
             out.append(rec)
     return out
+
+
+def records_of(runs_dir, kind: str) -> list[dict]:
+    """The records of `kind` under `runs_dir`, quietly skipping unusable files (the report names them)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_records(runs_dir, kind=kind)
+
+
+def existing_record(records: list[dict], config: dict) -> str | None:
+    """The path of the newest of `records` made with exactly `config`, or None (a cell already run)."""
+    want = json.loads(json.dumps(config, default=str))
+    recs = [r for r in records if r.get("config") == want]
+    return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
+

@@ -91,11 +91,9 @@ def _configs(a, seq_len_given: bool) -> list[AtariWMConfig]:
 
 def run_atari_cells(a, seq_len_given: bool) -> int:
     """The `wmbench run --task atari` command: returns the exit status."""
-    from wmbench.cli import _check_seeds, _existing_record, _records_of
     from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import RecordNotSaved, make_record, save_record
+    from wmbench.core.records import RecordNotSaved, existing_record, make_record, records_of, save_record
     from wmbench.harness.atari_dataset import DatasetError, get_dataset
-    _check_seeds(a.seeds)
     if a.device is not None:
         from wmbench.core.device import resolve_device
         a.device = str(resolve_device(a.device))
@@ -110,12 +108,12 @@ def run_atari_cells(a, seq_len_given: bool) -> int:
         return 0
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
     remove_orphans(runs_dir)
-    existing = [] if a.force else _records_of(runs_dir, "wm-atari")
-    todo = [c for c in cfgs if _existing_record(existing, _record_config(c, key)) is None]
+    existing = [] if a.force else records_of(runs_dir, "wm-atari")
+    todo = [c for c in cfgs if existing_record(existing, _record_config(c, key)) is None]
     for c in cfgs:
         if c not in todo:
             print(f"{c.game} {c.backbone} L={c.seq_len} seed {c.seed}: already done (--force runs it again)")
-            print(f"record: {_existing_record(existing, _record_config(c, key))}")
+            print(f"record: {existing_record(existing, _record_config(c, key))}")
     if not todo:
         return 0
     try:
