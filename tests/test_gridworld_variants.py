@@ -25,15 +25,6 @@ N, E, S, Wst = gw.NORTH, gw.EAST, gw.SOUTH, gw.WEST
 VARIANTS = list(gw.VARIANTS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: 2 OpenMP threads mostly wait for each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def frame(agent, goal, n=5, show=(A, G)):
     """Cells of one frame, (n*n,), drawing only the kinds in `show`."""
     g = np.full((n, n), W, dtype=np.int64)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from wmbench.core import allocator
 
@@ -253,7 +252,7 @@ def _cmd_run(a) -> int:
     import json
 
     from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import RecordNotSaved, make_record, save_record
+    from wmbench.core.records import make_record, save_record_and_say
     from wmbench.harness.gridworld import (check_config, check_memory, make_config, summary_lines,
                                            train_and_evaluate)
 
@@ -317,11 +316,7 @@ def _cmd_run(a) -> int:
             print(f"{cell}{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: out of memory")
         name = f"gridworld-{cell}{cfg.backbone}-L{cfg.seq_len}-seed{cfg.seed}-" + \
             rec["created_at"].replace(":", "").replace("-", "")[:15]
-        try:
-            print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")
-        except RecordNotSaved as e:
-            e.report()
-            failed = True
+        failed |= not save_record_and_say(rec, runs_dir, name)
     return 1 if failed else 0
 
 

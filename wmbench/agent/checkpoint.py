@@ -61,11 +61,8 @@ class Checkpoint:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from wmbench.core.paths import sha256_file
+    return sha256_file(path)
 
 
 def _fsync_write(path: Path, write) -> None:

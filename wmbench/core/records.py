@@ -242,3 +242,14 @@ def existing_record(records: list[dict], config: dict) -> str | None:
     recs = [r for r in records if r.get("config") == want]
     return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
 
+
+def save_record_and_say(record: dict, runs_dir, name: str) -> bool:
+    """save_record with the current folder as fallback; prints `record: PATH`, or reports where the record
+    went instead (RecordNotSaved.report) and returns False."""
+    try:
+        print(f"record: {save_record(record, runs_dir, name=name, fallbacks=(Path('.'),))}")
+        return True
+    except RecordNotSaved as e:
+        e.report()
+        return False
+

@@ -150,11 +150,8 @@ def generate(key: DatasetKey, policy=None, progress: bool = True) -> dict[str, n
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from wmbench.core.paths import sha256_file
+    return sha256_file(path)
 
 
 def write_dataset(cache: Path, key: DatasetKey, arrays: dict[str, np.ndarray]) -> Path:

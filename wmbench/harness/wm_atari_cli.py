@@ -92,7 +92,7 @@ def _configs(a, seq_len_given: bool) -> list[AtariWMConfig]:
 def run_atari_cells(a, seq_len_given: bool) -> int:
     """The `wmbench run --task atari` command: returns the exit status."""
     from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import RecordNotSaved, existing_record, make_record, records_of, save_record
+    from wmbench.core.records import existing_record, make_record, records_of, save_record_and_say
     from wmbench.harness.atari_dataset import DatasetError, get_dataset
     if a.device is not None:
         from wmbench.core.device import resolve_device
@@ -135,11 +135,7 @@ def run_atari_cells(a, seq_len_given: bool) -> int:
         if model_path:
             rec["artifacts"] = {"world_model": str(Path(model_path).resolve())}
         print(summary_line(cfg, metrics))
-        try:
-            print(f"record: {save_record(rec, runs_dir, name=name, fallbacks=(Path('.'),))}")
-        except RecordNotSaved as e:
-            e.report()
-            failed = True
+        failed |= not save_record_and_say(rec, runs_dir, name)
     return 1 if failed else 0
 
 
