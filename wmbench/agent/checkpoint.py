@@ -250,3 +250,39 @@ def generator_from_state(s: dict) -> np.random.Generator:
     bg = getattr(np.random, s["bit_generator"])()
     bg.state = s
     return np.random.Generator(bg)
+
+
+def restore_models(run_dir: str | os.PathLike, flag: str):
+    """(TrainConfig, WorldModel, ActorCritic, Checkpoint) from a run dir's newest checkpoint, in eval mode,
+    for tools that use a trained agent (`run --task atari --policy`, `imagine --run-dir`). Anything
+    unusable is a one-line ValueError naming `flag`."""
+    import dataclasses
+
+    from wmbench.agent.actor_critic import ActorCritic
+    from wmbench.agent.config import TrainConfig, model_config
+    from wmbench.tasks.atari import make_env
+    from wmbench.world_model import WorldModel
+    if not Path(run_dir).is_dir():
+        raise ValueError(f"{flag} {run_dir}: no such run dir")
+    try:
+        state = load_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise ValueError(f"{flag} {run_dir}: {e}") from None
+    if state is None:
+        raise ValueError(f"{flag} {run_dir} holds no checkpoint (train an agent there first: wmbench atari)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in state.meta.get("config", {}).items() if k in names})
+    env = make_env(cfg.game, protocol=cfg.protocol)
+    n_actions = int(env.action_space.n)
+    env.close()
+    mcfg = model_config(cfg)
+    wm, agent = WorldModel(mcfg, n_actions), ActorCritic(mcfg, n_actions)
+    try:
+        wm.load_training_state(state.state["wm"])
+        agent.load_training_state(state.state["agent"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{flag} {run_dir}: its checkpoint does not fit its config ({msg})") from None
+    wm.eval(), agent.eval()
+    return cfg, wm, agent, state
+

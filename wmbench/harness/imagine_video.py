@@ -61,32 +61,13 @@ def windows_from_record(rec: dict, n: int, length: int):
 
 
 def model_and_windows_from_run_dir(run_dir: str, n: int, length: int):
-    import dataclasses
-
-    from wmbench.agent.checkpoint import CheckpointError, load_checkpoint
-    from wmbench.agent.config import TrainConfig, model_config
-    from wmbench.world_model import WorldModel
-    if not Path(run_dir).is_dir():
-        raise ValueError(f"--run-dir {run_dir}: no such run dir")
-    try:
-        state = load_checkpoint(run_dir)
-    except CheckpointError as e:
-        raise ValueError(str(e)) from None
-    if state is None:
-        raise ValueError(f"--run-dir {run_dir} holds no checkpoint yet")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in state.meta.get("config", {}).items() if k in names})
+    from wmbench.agent.checkpoint import restore_models
+    _, wm, _, state = restore_models(run_dir, "--run-dir")
     a = state.arrays
     obs, act, last = a["replay.obs"], a["replay.action"], a["replay.is_last"]
     capacity, ptr, size, _ = (int(x) for x in a["replay.meta"])
     order = np.arange(size) if size < capacity else (ptr + np.arange(capacity)) % capacity   # oldest first
     obs, act, last = obs[order], act[order], last[order]
-    wm = WorldModel(model_config(cfg), _action_count(cfg))
-    try:
-        wm.load_training_state(state.state["wm"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--run-dir {run_dir}: its checkpoint does not fit its config ({msg})") from None
     # the most recent windows that stay inside one episode
     ends_ok = np.ones(len(act), bool)
     for i in np.flatnonzero(last):
@@ -96,15 +77,6 @@ def model_and_windows_from_run_dir(run_dir: str, n: int, length: int):
         raise ValueError(f"--run-dir {run_dir}: its replay holds no window of {length} steps inside one episode")
     idx = np.array(starts)[:, None] + np.arange(length)[None, :]
     return wm, obs[idx], act[idx]
-
-
-def _action_count(cfg) -> int:
-    from wmbench.tasks.atari import make_env
-    env = make_env(cfg.game, protocol=cfg.protocol)
-    try:
-        return int(env.action_space.n)
-    finally:
-        env.close()
 
 
 def render(true: np.ndarray, pred: np.ndarray, scale: int) -> list[np.ndarray]:
@@ -167,7 +139,7 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 4) -> list[Path
 @torch.no_grad()
 def imagine_video(record: str | None, run_dir: str | None, out: str | None, samples: int, context: int,
                   horizon: int, scale: int = 2) -> list[Path]:
-    from wmbench.harness.wm_atari import _mode, open_loop
+    from wmbench.harness.wm_atari import mode_onehot, open_loop
     if (record is None) == (run_dir is None):
         raise ValueError("give one of --record or --run-dir")
     for name, v, lo in (("--samples", samples, 1), ("--context", context, 1), ("--horizon", horizon, 1),
@@ -193,7 +165,7 @@ def imagine_video(record: str | None, run_dir: str | None, out: str | None, samp
     frames = wm._frames(torch.as_tensor(obs))                                # (B*L, C, h, w)
     logp = wm._latents(wm.encoder(frames[: B * length]), B, length)[0]
     a = wm._check_actions(act)
-    pred = open_loop(wm, _mode(logp)[:, :context], a, horizon)
+    pred = open_loop(wm, mode_onehot(logp)[:, :context], a, horizon)
     true = frames.view(B, length, *frames.shape[1:])[:, context:]
     scale_px = max(1, scale * 64 // frames.shape[-1])                         # pooled frames shown larger
     images = add_header(render(true.numpy(), pred.numpy(), scale_px), frames.shape[-1] * scale_px, context)

@@ -201,14 +201,14 @@ def open_loop(wm, z_ctx: torch.Tensor, actions: torch.Tensor, horizon: int) -> t
     h_ctx, state = wm.backbone.prefill(wm.embed(z_ctx, actions[:, :k]), state)
     h_t, preds = h_ctx[:, -1], []
     for j in range(horizon):
-        z_t = _mode(wm.prior(h_t))                                           # ẑ_{k+j} from d_{k+j-1}
+        z_t = mode_onehot(wm.prior(h_t))                                           # ẑ_{k+j} from d_{k+j-1}
         preds.append(wm.decoder(z_t))
         if j + 1 < horizon:
             h_t, state = wm.backbone.step(wm.embed(z_t, actions[:, k + j]), state)
     return torch.stack(preds, 1)
 
 
-def _mode(logp: torch.Tensor) -> torch.Tensor:
+def mode_onehot(logp: torch.Tensor) -> torch.Tensor:
     """(..., K, C) log-probs -> one-hot of each variable's most likely class, flattened (..., K*C)."""
     return F.one_hot(logp.argmax(-1), logp.shape[-1]).to(logp.dtype).flatten(-2)
 
@@ -226,7 +226,7 @@ def evaluate(wm, ds, starts: np.ndarray, cfg: AtariWMConfig) -> dict:
         B, L = b["action"].shape
         target = wm._frames(torch.as_tensor(b["obs"]))                      # (B*L, C, H, W)
         logp = wm._latents(wm.encoder(target), B, L)[0]                      # (B, L, K, C)
-        z = _mode(logp)
+        z = mode_onehot(logp)
         recon = wm.decoder(z.flatten(0, 1))
         sums["se"] += float((recon - target).pow(2).sum())
         sums["px"] += target.numel()
@@ -289,7 +289,7 @@ def imagination_speed(wm, cfg: AtariWMConfig) -> dict:
             sync(dev)
             prefill[str(c)] = 1e3 * (time.perf_counter() - t0)
             del x
-            z = _mode(wm.prior(torch.zeros(B, d, device=dev)))
+            z = mode_onehot(wm.prior(torch.zeros(B, d, device=dev)))
             a = torch.randint(0, wm.n_actions, (B,), generator=gen).to(dev)
             times = []
             for i in range(cfg.imag_steps + 2):

@@ -2,8 +2,6 @@
 cell, cells already recorded skipped, and the trained world model kept for `wmbench imagine`."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,43 +18,17 @@ class CheckpointPolicy:
     """An agent's policy, restored from its run dir, acting as in training (sampled actions)."""
 
     def __init__(self, run_dir: str, game: str, protocol: str):
-        from wmbench.agent import ActorCritic
         from wmbench.agent.acting import ActingContext
-        from wmbench.agent.checkpoint import CheckpointError, load_checkpoint
-        from wmbench.agent.config import TrainConfig, model_config
-        from wmbench.world_model import WorldModel
-        path = Path(run_dir)
-        if not path.is_dir():
-            raise ValueError(f"--policy {run_dir}: no such run dir")
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            raise ValueError(f"--policy {run_dir}: {e}") from None
-        if state is None:
-            raise ValueError(f"--policy {run_dir} holds no checkpoint (train an agent there first: wmbench atari)")
-        saved = state.meta.get("config", {})
-        if str(saved.get("game", "")).lower() != game.lower():
-            raise ValueError(f"--policy {run_dir} was trained on {saved.get('game')!r}, not {game}")
-        if saved.get("protocol", protocol) != protocol:
-            raise ValueError(f"--policy {run_dir} used protocol {saved.get('protocol')!r}, not {protocol!r}")
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
-        mcfg = model_config(cfg)
-        from wmbench.tasks.atari import make_env
-        env = make_env(game, protocol=protocol)
-        n_actions = int(env.action_space.n)
-        env.close()
-        self.wm, self.agent = WorldModel(mcfg, n_actions), ActorCritic(mcfg, n_actions)
-        try:
-            self.wm.load_training_state(state.state["wm"])
-            self.agent.load_training_state(state.state["agent"])
-        except (KeyError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--policy {run_dir}: its checkpoint does not fit its config ({msg})") from None
-        self.wm.eval(), self.agent.eval()
-        self.ctx = ActingContext.for_model(mcfg)
-        digest = hashlib.sha256((state.path / "state.pt").read_bytes()).hexdigest()
-        self.id = f"checkpoint:{digest}"
+        from wmbench.agent.checkpoint import restore_models
+        cfg, self.wm, self.agent, state = restore_models(run_dir, "--policy")
+        if cfg.game.lower() != game.lower():
+            raise ValueError(f"--policy {run_dir} was trained on {cfg.game!r}, not {game}")
+        if cfg.protocol != protocol:
+            raise ValueError(f"--policy {run_dir} used protocol {cfg.protocol!r}, not {protocol!r}")
+        self.ctx = ActingContext.for_model(self.wm.cfg)
+        # the checkpoint's manifest already holds its weights' sha256 (verified while loading)
+        manifest = json.loads((state.path / "manifest.json").read_text())
+        self.id = f"checkpoint:{manifest['state.pt']['sha256']}"
         self.step = int(state.meta.get("step", 0))
 
     def reset(self, obs) -> None:
