@@ -2,7 +2,8 @@
 
 Grid world -> results/tables/gridworld.{md,csv} laid out like the paper's Table 2 (method x length:
 train ms/step, memory, error mean ± std over seeds) with the paper's values in adjacent columns, and
-plots under results/plots/. Bench records -> results/tables/bench.md. Atari records -> atari.md.
+plots under results/plots/. Bench records -> results/tables/bench.md. Atari records -> atari.md (per run)
+and atari100k.{md,tex,csv} (aggregates with bootstrap CIs; report/atari100k.py).
 Peer-bench records (`wmbench bench --peers`) -> results/tables/peers.md.
 The report reads nothing but the records (and the paper's numbers shipped in wmbench/data).
 """
@@ -283,6 +284,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     # matplotlib's font fallback notes ("findfont: ... not found") are noise here; our messages are ours
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from wmbench.report.atari import atari_markdown, learning_curves
+    from wmbench.report.atari100k import write_report as atari100k_report
     from wmbench.report.peers import peers_markdown
     from wmbench.report.wm_atari import wm_atari_csv, wm_atari_markdown, wm_atari_plots
     if not Path(runs_dir).is_dir():
@@ -326,6 +328,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     if by_kind["atari"]:
         written.append(atomic_write_text(out / "tables" / "atari.md", atari_markdown(by_kind["atari"])))
         written += learning_curves(by_kind["atari"], out / "plots")
+        written += atari100k_report(by_kind["atari"], out)
     if by_kind["wm-atari"]:
         written.append(atomic_write_text(out / "tables" / "wm_atari.md", wm_atari_markdown(by_kind["wm-atari"])))
         written.append(atomic_write_text(out / "tables" / "wm_atari.csv", wm_atari_csv(by_kind["wm-atari"])))
