@@ -21,7 +21,8 @@ ALLOWED = {
     "agent": {"core", "backbones", "tasks", "world_model"},
     "harness": {"core", "backbones", "tasks", "world_model", "agent"},   # the agent bench measures the agent
     "report": {"core", "tasks"},
-    "cli": {"core", "backbones", "tasks", "world_model", "agent", "harness", "report", "package"},
+    "sweep": {"core", "tasks", "package"},     # it runs the commands as processes, never imports them
+    "cli": {"core", "backbones", "tasks", "world_model", "agent", "harness", "report", "sweep", "package"},
     "package": {"core"},   # wmbench/__init__.py: the public names
 }
 

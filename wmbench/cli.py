@@ -1,4 +1,4 @@
-"""The `wmbench` command line: run, atari, bench, report, list.
+"""The `wmbench` command line: run, atari, bench, sweep, report, imagine, list.
 
 User mistakes (unknown names, impossible sizes, corrupt files) print one line `error: ...` and exit 2.
 """
@@ -170,7 +170,7 @@ def _cmd_list(a) -> int:
     import wmbench
     print("backbones: " + ", ".join(wmbench.list_backbones()))
     print("tasks:     " + ", ".join(wmbench.list_tasks()))
-    for title, loader in (("games", _games), ("presets", _presets)):
+    for title, loader in (("games", _games), ("presets", _presets), ("sweeps", _sweeps)):
         items = loader()
         if items:
             print(f"{title + ':':<11}" + ", ".join(items))
@@ -183,6 +183,11 @@ def _games() -> list[str]:
     except ImportError:
         return []
     return list_games()
+
+
+def _sweeps() -> list[str]:
+    from wmbench.sweep.spec import packaged_specs
+    return list(packaged_specs())
 
 
 def _presets() -> list[str]:
@@ -387,7 +392,12 @@ def _cmd_imagine(a) -> int:
     return 0
 
 
-COMMANDS = [_add_run, _add_atari, _add_bench, _add_report, _add_imagine, _add_list]
+def _add_sweep(sub):  # grids of runs: wmbench/sweep/
+    from wmbench.sweep.cli import add_parser
+    add_parser(sub, build_parser)     # the sweep checks each run's options with the real parser
+
+
+COMMANDS = [_add_run, _add_atari, _add_bench, _add_sweep, _add_report, _add_imagine, _add_list]
 
 
 def one_line(message: str) -> str:
