@@ -110,3 +110,29 @@ def test_eval_and_no_grad_take_the_plain_modules():
     enc.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not lean_conv.usable(x, enc)
+
+
+def test_first_encoder_layer_keeps_the_frames_not_its_conv_output(monkeypatch):
+    """The encoder's first block keeps its 16-channel conv output out of autograd's saved tensors (the frames,
+    which the conv's weight gradient keeps anyway, are enough to recompute it): the saved bytes drop by
+    that output's size, less the conv bias now kept for the recomputation (saved-tensor hooks)."""
+    cfg = get_preset("XS")
+    torch.manual_seed(0)
+    enc = Encoder(cfg)
+    x = torch.rand(4, cfg.image_channels, cfg.image_size, cfg.image_size)
+
+    def saved_bytes(recompute: bool) -> int:
+        monkeypatch.setattr(lean_conv, "RECOMPUTE_FIRST", recompute)
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            enc(x).sum()
+        return sum(seen.values())
+
+    conv1_out = 4 * cfg.enc_filters[0] * cfg.image_size ** 2 * 4        # stride 1 at XS: full resolution
+    assert cfg.enc_strides[0] == 1
+    saved_plain, saved_lean = saved_bytes(False), saved_bytes(True)
+    assert saved_plain - saved_lean == conv1_out - enc.net[0].bias.numel() * 4

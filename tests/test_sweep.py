@@ -69,6 +69,23 @@ def test_key_is_stable_and_ignores_option_order_and_the_executor():
     assert argv[-2:] == ["--threads", "2"] and "--runs-dir" in argv   # executor extras, not in the key
 
 
+def test_yaml_and_toml_specs_give_the_same_runs(tmp_path):
+    pytest.importorskip("yaml")
+    toml = _spec_file(tmp_path, {"backbone": ["gru", "mamba2"], "seed": [0, 1]})
+    (tmp_path / "t.yaml").write_text("name: t\nruns:\n  - command: run\n    options: {task: gridworld, steps: 3, "
+                                     "d-model: 16, eval-sequences: 2, len: 52}\n"
+                                     "    grid: {backbone: [gru, mamba2], seed: [0, 1]}\n")
+    assert [r.key for r in load_spec(str(toml)).expand()] == [r.key for r in load_spec(str(tmp_path / "t.yaml")).expand()]
+
+
+def test_grid_and_set_extend_a_spec_file(tmp_path, capsys):
+    spec = _spec_file(tmp_path, {"backbone": ["gru"]})
+    assert main(_sweep_argv(spec, tmp_path, "--dry-run", "--grid", "seed=0,1", "--set", "lr=0.002")) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("wmbench run")]
+    assert len(lines) == 2 and all("--lr 0.002" in l for l in lines)
+    assert main(_sweep_argv(spec, tmp_path, "--dry-run", "--grid", "backbone=mamba2")) == 2   # the spec has it
+
+
 @pytest.mark.parametrize("raw, match", [
     ({"runs": []}, "no \\[\\[runs\\]\\] block"),
     ({"runs": [{"command": "bench"}]}, "not sweepable"),

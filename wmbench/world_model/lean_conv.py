@@ -50,35 +50,70 @@ class _BNSiLUConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         c, gamma, beta, mean, invstd, weight = ctx.saved_tensors
-        bn, conv = ctx.bn, ctx.conv
-        # recompute BN(c) with the same kernel (no running statistics touched), then SiLU
-        a = aten.native_batch_norm(c, gamma, beta, None, None, True, 0.0, bn.eps)[0]
-        g_w = g_b = None
-        if conv is None:
-            g_y = g_out
-        else:   # weight gradient first, so that SiLU's output is freed before the input gradient exists
-            need = ctx.needs_input_grad
-            if need[3] or need[4]:
-                y = aten.silu(a)
-                _, g_w, g_b = aten.convolution_backward(
-                    g_out, y, weight, _bias_sizes(conv), *_conv_args(conv),
-                    [False, need[3], need[4] and conv.bias is not None])
-                del y
-            g_y = aten.convolution_backward(g_out, a, weight, None, *_conv_args(conv), [True, False, False])[0]
-        own = conv is not None                  # g_y is our buffer (not autograd's g_out): overwrite it
-        g_a = aten.silu_backward.grad_input(g_y, a, grad_input=g_y) if own else aten.silu_backward(g_y, a)
-        del a, g_y
-        mask = [True, gamma is not None, beta is not None]
-        if own and c.device.type == "cpu" and gamma is not None and beta is not None:
-            # BN's input gradient written over g_a: its CPU kernels reduce first, then write (the result is
-            # checked against plain autograd in tests/test_lean_conv.py)
-            g_gamma, g_beta = torch.empty_like(gamma), torch.empty_like(beta)
-            g_c, g_gamma, g_beta = aten.native_batch_norm_backward.out(
-                g_a, c, gamma, None, None, mean, invstd, True, bn.eps, mask, out0=g_a, out1=g_gamma, out2=g_beta)
-        else:
-            g_c, g_gamma, g_beta = aten.native_batch_norm_backward(
-                g_a, c, gamma, None, None, mean, invstd, True, bn.eps, mask)
+        need = ctx.needs_input_grad
+        g_c, g_gamma, g_beta, g_w, g_b = _backward(g_out, c, gamma, beta, mean, invstd, weight, ctx.bn, ctx.conv,
+                                                   need[3], need[4])
         return g_c, g_gamma, g_beta, g_w, g_b, None, None
+
+
+class _ConvBNSiLUConv(torch.autograd.Function):
+    """out = conv2(SiLU(BN(conv1(x)))) for the encoder's first layer. Saves x, not conv1(x): at XS the
+    frames are 3 channels and conv1's output 16, so this keeps 5x less (0.1 GB instead of 0.54 GB per
+    2,048 frames) for one more conv1 forward in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, gamma, beta, w2, b2, conv1, bn, conv2):
+        c = aten.convolution(x, w1, b1, *_conv_args(conv1))
+        a, mean, invstd = _bn_train(bn, c)
+        del c                                  # not kept: backward recomputes it from x
+        y = aten.silu_(a)
+        ctx.bn, ctx.conv, ctx.conv1 = bn, conv2, conv1
+        ctx.save_for_backward(x, w1, b1, gamma, beta, mean, invstd, w2)
+        return aten.convolution(y, w2, b2, *_conv_args(conv2))
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, w1, b1, gamma, beta, mean, invstd, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c = aten.convolution(x, w1, b1, *_conv_args(ctx.conv1))     # the forward's conv1(x), recomputed
+        g_c, g_gamma, g_beta, g_w2, g_b2 = _backward(g_out, c, gamma, beta, mean, invstd, w2, ctx.bn, ctx.conv,
+                                                     need[5], need[6])
+        del c
+        g_x, g_w1, g_b1 = aten.convolution_backward(
+            g_c, x, w1, _bias_sizes(ctx.conv1), *_conv_args(ctx.conv1),
+            [need[0], need[1], need[2] and ctx.conv1.bias is not None])
+        return g_x, g_w1, g_b1, g_gamma, g_beta, g_w2, g_b2, None, None, None
+
+
+def _backward(g_out, c, gamma, beta, mean, invstd, weight, bn, conv, need_w: bool, need_b: bool):
+    """Gradients of conv(SiLU(BN(c))) from its saved input c: (g_c, g_gamma, g_beta, g_weight, g_bias)."""
+    # recompute BN(c) with the same kernel (no running statistics touched), then SiLU
+    a = aten.native_batch_norm(c, gamma, beta, None, None, True, 0.0, bn.eps)[0]
+    g_w = g_b = None
+    if conv is None:
+        g_y = g_out
+    else:   # weight gradient first, so that SiLU's output is freed before the input gradient exists
+        if need_w or need_b:
+            y = aten.silu(a)
+            _, g_w, g_b = aten.convolution_backward(
+                g_out, y, weight, _bias_sizes(conv), *_conv_args(conv),
+                [False, need_w, need_b and conv.bias is not None])
+            del y
+        g_y = aten.convolution_backward(g_out, a, weight, None, *_conv_args(conv), [True, False, False])[0]
+    own = conv is not None                  # g_y is our buffer (not autograd's g_out): overwrite it
+    g_a = aten.silu_backward.grad_input(g_y, a, grad_input=g_y) if own else aten.silu_backward(g_y, a)
+    del a, g_y
+    mask = [True, gamma is not None, beta is not None]
+    if own and c.device.type == "cpu" and gamma is not None and beta is not None:
+        # BN's input gradient written over g_a: its CPU kernels reduce first, then write (the result is
+        # checked against plain autograd in tests/test_lean_conv.py)
+        g_gamma, g_beta = torch.empty_like(gamma), torch.empty_like(beta)
+        g_c, g_gamma, g_beta = aten.native_batch_norm_backward.out(
+            g_a, c, gamma, None, None, mean, invstd, True, bn.eps, mask, out0=g_a, out1=g_gamma, out2=g_beta)
+    else:
+        g_c, g_gamma, g_beta = aten.native_batch_norm_backward(
+            g_a, c, gamma, None, None, mean, invstd, True, bn.eps, mask)
+    return g_c, g_gamma, g_beta, g_w, g_b
 
 
 def _bias_sizes(conv: nn.Module):
@@ -109,9 +144,18 @@ def bn_silu_conv(c: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Module | None) ->
     return _BNSiLUConv.apply(c, bn.weight, bn.bias, w, b, bn, conv)
 
 
+RECOMPUTE_FIRST = True     # the encoder's first conv output is recomputed in backward (_ConvBNSiLUConv)
+
+
 def run_stack(x: torch.Tensor, first: nn.Module | None, blocks: list) -> torch.Tensor:
     """x -> first(x) -> for (bn, conv) in blocks: conv(SiLU(bn(.))) with conv None for a last BN-SiLU."""
-    c = first(x) if first is not None else x
+    if first is not None and RECOMPUTE_FIRST and isinstance(first, nn.Conv2d) and blocks \
+            and blocks[0][1] is not None and first.padding_mode == "zeros":
+        (bn, conv), blocks = blocks[0], blocks[1:]
+        c = _ConvBNSiLUConv.apply(x, first.weight, first.bias, bn.weight, bn.bias, conv.weight, conv.bias,
+                                  first, bn, conv)
+    else:
+        c = first(x) if first is not None else x
     for bn, conv in blocks:
         c = bn_silu_conv(c, bn, conv)
     return c
