@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wmbench.cli import main
 from wmbench.core.records import load_records
@@ -55,6 +57,22 @@ def test_every_packaged_run_parses_with_the_real_cli():
     from wmbench.sweep.cli import validate
     for name in packaged_specs():
         validate(load_spec(name).expand(), build_parser)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["backbone", "len", "seed", "lr", "steps", "variant"]),
+                       st.lists(st.integers(0, 9), min_size=1, max_size=4, unique=True), min_size=1, max_size=4),
+       st.randoms(use_true_random=False))
+def test_grid_expands_to_its_product_with_unique_order_free_keys(grid, rnd):
+    spec = spec_from_dict({"runs": [{"command": "run", "options": {"task": "gridworld"}, "grid": grid}]}, "x", "t")
+    runs = spec.expand()
+    n = 1
+    for vs in grid.values():
+        n *= len(vs)
+    assert len(runs) == n and len({r.key for r in runs}) == n
+    shuffled = dict(rnd.sample(list(grid.items()), len(grid)))       # the axes in another order
+    again = spec_from_dict({"runs": [{"command": "run", "options": {"task": "gridworld"}, "grid": shuffled}]}, "x", "t")
+    assert {r.key for r in again.expand()} == {r.key for r in runs}
 
 
 def test_key_is_stable_and_ignores_option_order_and_the_executor():

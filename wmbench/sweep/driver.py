@@ -172,6 +172,8 @@ def run_sweep(runs: list[Run], backend, state: Path, runs_dir: Path, retries: in
             backend.cancel(h)
             os.close(fd)
         bar.close()
+        print(f"sweep interrupted: {len(out.done) + len(out.skipped)} of {len(runs)} runs done; "
+              "re-run the same command to resume", file=sys.stderr)
         raise
     bar.close()
     backend.close()

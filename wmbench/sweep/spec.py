@@ -17,8 +17,11 @@ Option names are the command's flags without the dashes (`len`, `grid`, `variant
 ...). `seed` is one seed per run (`--seeds N` for `run`, `--seed N` for `atari`). true gives `--flag`,
 false `--no-flag`.
 
-Each run's key is a hash of its command and resolved options (spec defaults and the sweep's own
-options included), so the same run gets the same key in every sweep that contains it.
+Each run's key is a hash of its command and its options as the spec gives them (block options, grid
+values and --set; not the executor, thread count or folders), so the same run gets the same key in
+every sweep that contains it. The commands' own defaults are not filled in: `steps = 500` written out
+is another key than leaving the default 500, but `wmbench run` still finds that run's record by its
+resolved config and skips it.
 """
 from __future__ import annotations
 
