@@ -29,6 +29,8 @@ def test_every_phase_measured(record):
         assert cell["acting"]["value"] > 0 and cell["peak_memory"]["value"] > 0
         assert cell["update_flops"]["value"] > 1e6 and 0 < cell["fraction_of_matmul_peak"]["value"] < 1
         assert cell["threads"]["value"] == 1
+        # the default precision is the atari command's auto choice, with its reason
+        assert cell["precision"]["value"] in ("fp32", "bf16") and ":" in cell["precision"]["method"]
         # tiny's imagination batch is below where compiling was measured to pay: the atari command's
         # auto choice (eager) is what was measured, and the record says so
         assert cell["compiled"]["value"] is False and "imagination batch" in cell["compiled"]["method"]
@@ -67,6 +69,20 @@ def test_forced_compile_is_measured_and_recorded(tmp_path):
     assert cell["compiled"]["value"] is True and cell["imagine_rollout"]["value"] > 0
     assert cell["update_flops"]["value"] > 1e6          # counted on the eager step, before compiling
     assert "| compiled |" in p.stdout
+
+
+def test_forced_bf16_is_measured_and_recorded(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "wmbench.cli", "bench", "--agent", "--size", "tiny", "--backbones",
+                        "gru", "--iters", "1", "--warmup", "1", "--threads", "1", "--replay-capacity", "0",
+                        "--precision", "bf16", "--no-compile", "--no-progress", "--runs-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(open(p.stdout.strip().splitlines()[-1].split("record: ")[1]).read())
+    cell = rec["metrics"]["cells"]["gru"]
+    assert cell["precision"]["value"] == "bf16" and "--precision bf16 given" in cell["precision"]["method"]
+    assert rec["metrics"]["matmul_throughput_bf16"]["value"] > 0       # the bf16 cell's bound is bf16's rate
+    assert "bf16 matmul" in cell["fraction_of_matmul_peak"]["method"]
+    assert "| bf16 |" in p.stdout
 
 
 @pytest.mark.parametrize("args,needle", [(["--size", "XXL"], "unknown preset"), (["--backbones", ""], "empty"),

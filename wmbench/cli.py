@@ -70,6 +70,9 @@ def _add_bench(sub):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="with --agent: torch.compile the rollout step (default: the choice `wmbench atari` makes "
                         "on this device and size)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="with --agent: training precision (default: the choice `wmbench atari` makes on this device: "
+                        "bf16 autocast only where measured faster)")
     p.add_argument("--peers", nargs="?", const="all", metavar="PAIRS",
                    help="installed peer implementations side by side with ours at the same shapes: mambapy and "
                         "transformers' Mamba (with mambapy's scan, and its default sequential loop) vs our mamba, "
@@ -85,7 +88,7 @@ def _cmd_agent_bench(a) -> int:
     from wmbench.report.agent_bench import agent_bench_markdown
     cfg = AgentBenchConfig(backbones=list(a.backbones), size=str(a.size), device=str(resolve_device(a.device)),
                            threads=a.threads, warmup=a.warmup, iters=a.iters, replay_capacity=a.replay_capacity,
-                           compile=a.compile)
+                           compile=a.compile, precision=a.precision)
     check_agent_bench_config(cfg)
     return _measure(a, cfg, run_agent_bench, lambda rec: agent_bench_markdown([rec]))
 
