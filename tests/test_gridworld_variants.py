@@ -364,4 +364,4 @@ def test_report_has_grid_and_variant_columns(tmp_path):
     assert rows["agent_once", 9].memoryless_pred_mean == 45.0
     md = (tmp_path / "out" / "tables" / "gridworld.md").read_text()
     assert "| grid | variant |" in md and "no memory % pred." in md
-    assert "| gru | 9 | agent_once | 1640 | 2 |" in md and "| gru | 5 | full | 1640 | 1 |" in md
+    assert "| gru | 9 | agent_once | 1640 | ? | 2 |" in md and "| gru | 5 | full | 1640 | ? | 1 |" in md   # steps unsaid

@@ -53,6 +53,18 @@ def test_report_tables_and_plots(runs, tmp_path):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+def test_runs_of_different_training_lengths_are_not_averaged_as_seeds(tmp_path):
+    d = tmp_path / "runs"
+    for steps, err in ((500, 100.0), (2000, 0.0)):
+        rec = _grid_record("mamba2", 208, 0, 20.0, err)
+        rec["config"]["steps"] = steps
+        write_record(rec, d, name=f"m2-{steps}")
+    build_report(d, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "tables" / "gridworld.csv")
+    assert sorted(zip(table.steps, table.seeds, table.error_mean)) == [(500, 1, 100.0), (2000, 1, 0.0)]
+    assert "| mamba2 | 5 | full | 208 | 2000 | 1 |" in (tmp_path / "out" / "tables" / "gridworld.md").read_text()
+
+
 def test_report_cli_empty_dir_is_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "wmbench.cli", "report", "--runs-dir", str(tmp_path / "none"),
                         "--out", str(tmp_path)], capture_output=True, text=True)

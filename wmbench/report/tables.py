@@ -60,6 +60,7 @@ def gridworld_frame(records: list[dict]) -> pd.DataFrame:
         rows.append({
             "backbone": c.get("backbone"), "seq_len": int(c.get("seq_len")), "seed": c.get("seed"),
             "grid_size": int(c["grid_size"]), "variant": str(c["variant"]),
+            "steps": int(c["steps"]) if c.get("steps") is not None else -1,   # -1: a record that did not say
             "status": r.get("status", "ok"), "device_name": r["environment"].get("device_name"),
             "batch_size": c.get("batch_size"),
             "train_ms": _value(r, "train_ms_per_step"), "peak_mib": _value(r, "peak_memory") / 2**20,
@@ -79,15 +80,16 @@ def _std(x: pd.Series) -> float:
 
 
 def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Aggregate over seeds per (variant, grid, backbone, length, hardware); join the paper's numbers
-    (on the paper's task only: grid 5, full)."""
+    """Aggregate over seeds per (variant, grid, backbone, length, training steps, hardware); join the
+    paper's numbers (on the paper's task only: grid 5, full). Runs of different lengths of training
+    are never averaged together as if they were seeds."""
     rows = []
-    keys = ["variant", "grid_size", "backbone", "seq_len", "device_name"]
-    for (v, gs, b, n, hw), g in df.fillna({"device_name": "unknown"}).groupby(keys):
+    keys = ["variant", "grid_size", "backbone", "seq_len", "steps", "device_name"]
+    for (v, gs, b, n, st, hw), g in df.fillna({"device_name": "unknown"}).groupby(keys):
         ok = g[g.status == "ok"]
         oom = len(ok) == 0 and (g.status == "OOM").any()
         rows.append({
-            "backbone": b, "grid_size": gs, "variant": v, "seq_len": n, "hardware": hw, "seeds": len(ok),
+            "backbone": b, "grid_size": gs, "variant": v, "seq_len": n, "steps": st, "hardware": hw, "seeds": len(ok),
             "train_ms": np.nan if oom else ok.train_ms.mean(),
             "memory_mib": np.nan if oom else ok.peak_mib.mean(),
             "memory_pct_8GiB": np.nan if oom else 100 * ok.peak_mib.mean() * 2**20 / GIB8,
@@ -110,7 +112,7 @@ def gridworld_table(df: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(paper, on=["backbone", "seq_len", *GRID_DEFAULTS], how="left")
     out["_o"] = out.backbone.map({b: i for i, b in enumerate(ORDER)}).fillna(len(ORDER))
     out["_v"] = out.variant.map({v: i for i, v in enumerate(VARIANT_ORDER)}).fillna(len(VARIANT_ORDER))
-    order = ["_v", "variant", "grid_size", "seq_len", "_o", "backbone", "hardware"]
+    order = ["_v", "variant", "grid_size", "seq_len", "_o", "backbone", "steps", "hardware"]
     return out.sort_values(order).drop(columns=["_o", "_v"]).reset_index(drop=True)
 
 
@@ -139,17 +141,17 @@ def gridworld_markdown(table: pd.DataFrame, hardware: list[str]) -> str:
         "and the error is on the true state frames, hidden object included; README). 'no memory' is the "
         "reference that sees only the previous frame and action, on predictable frames: a backbone's distance "
         "below it is what its memory is worth. The paper columns apply to grid 5, full only.", "",
-        "| backbone | grid | variant | L | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % "
+        "| backbone | grid | variant | L | steps | seeds | train ms/step | paper | memory MiB (% of 8 GiB) | paper % | error % "
         "| paper error % | floor % | error % pred. | no memory % pred. | imagine ms/token |"
         + (" hardware |" if len(hardware) > 1 else ""),
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if len(hardware) > 1 else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if len(hardware) > 1 else ""),
     ]
     for r in table.itertuples():
         oom = r.status == "OOM"
         mem = "OOM" if oom else f"{r.memory_mib:,.0f} ({r.memory_pct_8GiB:.0f}%)"
         paper_mem = r.paper_memory_pct_8GB if isinstance(r.paper_memory_pct_8GB, str) else _num(r.paper_memory_pct_8GB)
         lines.append(
-            f"| {r.backbone} | {r.grid_size} | {r.variant} | {r.seq_len} | {r.seeds} "
+            f"| {r.backbone} | {r.grid_size} | {r.variant} | {r.seq_len} | {r.steps if r.steps >= 0 else '?'} | {r.seeds} "
             f"| {'OOM' if oom else _num(r.train_ms)} | {_num(r.paper_train_ms)} "
             f"| {mem} | {paper_mem} | {_pm(r.error_mean, r.error_std)} | {_pm(r.paper_error_mean, r.paper_error_std)} "
             f"| {_num(r.floor, '{:.1f}')} | {_pm(r.error_pred_mean, r.error_pred_std)} "
