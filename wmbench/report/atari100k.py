@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import io
 import math
 import warnings
@@ -27,8 +28,10 @@ AGG_NAMES = {"median": "Median", "iqm": "IQM", "mean": "Mean", "optimality_gap":
 N_RESAMPLES = 2000
 
 
+@functools.lru_cache(maxsize=1)
 def paper_scores() -> pd.DataFrame:
-    """The per-game table shipped in wmbench/data (game, random, human, and one column per method)."""
+    """The per-game table shipped in wmbench/data (game, random, human, and one column per method); read
+    once per process (callers only read it)."""
     with resources.files("wmbench").joinpath("data/atari100k_scores.csv").open() as f:
         return pd.read_csv(f).set_index("game")
 
@@ -47,8 +50,7 @@ def config_label(c: dict) -> str:
 def runs_frame(records: list[dict]) -> pd.DataFrame:
     """One row per Atari run (gridgoal records are not Atari100k): config, game, seed, score, HNS."""
     from wmbench.report.atari import _score
-    from wmbench.tasks.atari import canonical_game
-    ref = paper_scores()
+    from wmbench.tasks.atari import canonical_game, human_normalized
     rows = []
     for r in records:
         c = r.get("config", {})
@@ -59,7 +61,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
             continue
         game = canonical_game(c["game"])
         rows.append({"config": config_label(c), "game": game, "seed": c.get("seed"), "score": float(s),
-                     "hns": float(hns(s, ref.loc[game, "random"], ref.loc[game, "human"]))})
+                     "hns": human_normalized(game, s)})
     return pd.DataFrame(rows, columns=["config", "game", "seed", "score", "hns"])
 
 
