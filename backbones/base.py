@@ -37,6 +37,18 @@ def check_positive(**sizes: Any) -> None:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
 
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that stays on the fused kernel under autocast. There a bf16 input meets the fp32 weight,
+    and torch falls back to its composite with a warning; that composite upcasts to fp32, scales by the
+    fp32 weight and casts back, which is what this does explicitly (bit-identical, tests/test_world_model.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and x.dtype != self.weight.dtype:
+            return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward branch (GELU), used by the transformer and optional elsewhere."""
 
@@ -52,11 +64,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, d_model: int, mixer: nn.Module, d_intermediate: int, dropout: float, eps: float):
         super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=eps)
+        self.norm = RMSNorm(d_model, eps=eps)
         self.mixer = mixer
         self.drop = nn.Dropout(dropout)
         if d_intermediate > 0:
-            self.norm2 = nn.RMSNorm(d_model, eps=eps)
+            self.norm2 = RMSNorm(d_model, eps=eps)
             self.mlp = MLP(d_model, d_intermediate)
         else:
             self.norm2 = self.mlp = None
@@ -100,7 +112,7 @@ class ResidualBackbone(nn.Module):
                            d_intermediate=d_intermediate, dropout=float(dropout))
         self.blocks = nn.ModuleList(
             Block(d_model, make_mixer(i), d_intermediate, float(dropout), norm_eps) for i in range(n_layers))
-        self.norm_f = nn.RMSNorm(d_model, eps=norm_eps)
+        self.norm_f = RMSNorm(d_model, eps=norm_eps)
         self._rescale_residual_projections(n_residuals_per_layer=2 if d_intermediate > 0 else 1)
 
     @torch.no_grad()

@@ -340,7 +340,6 @@ def test_training_state_resume_gives_identical_next_losses():
         wm2.load_training_state({"model": saved["wm"]["model"]})
 
 
-@pytest.mark.filterwarnings("ignore:Mismatch dtype")
 def test_bf16_autocast_option_runs():
     torch.manual_seed(0)
     cfg = tiny("gru", amp=True)
@@ -383,3 +382,39 @@ def test_chunked_context_encoding_matches_one_pass(monkeypatch):
             outs.append(wm.encode(obs))
     (lp1, z1), (lp2, z2) = outs
     assert torch.allclose(lp1, lp2, atol=1e-6) and torch.equal(z1, z2)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")   # the reference path's own warning
+def test_rmsnorm_under_bf16_autocast_is_the_composite_on_the_fused_path(monkeypatch):
+    """Our RMSNorm under autocast: the fused kernel on the upcast input, bit-equal (values and gradients)
+    to torch's own fallback for a bf16 input with an fp32 weight. torch warns (once per process) when
+    input and weight dtypes differ, so the kernel's arguments are checked rather than the warning."""
+    import torch.nn as nn
+
+    from wmbench.backbones.base import RMSNorm
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-5), nn.RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(32, 64)
+    real, seen = torch.rms_norm, []
+
+    def spy(inp, shape, weight=None, eps=None):
+        seen.append((inp.dtype, weight.dtype))
+        return real(inp, shape, weight, eps)
+
+    outs = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            if m is ours:
+                monkeypatch.setattr(torch, "rms_norm", spy)
+            y = m(xi.bfloat16())
+            monkeypatch.setattr(torch, "rms_norm", real)
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        outs.append((y, xi.grad, m.weight.grad))
+    (y1, gx1, gw1), (y2, gx2, gw2) = outs
+    assert y1.dtype == torch.bfloat16 and torch.equal(y1, y2)
+    assert torch.equal(gx1, gx2) and torch.allclose(gw1, gw2, rtol=1e-6, atol=1e-6)
+    assert seen == [(torch.float32, torch.float32)]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wmbench.backbones.base import RMSNorm
 from wmbench.world_model.config import DramaConfig
 from wmbench.world_model.distributions import (TwoHot, categorical_kl, free_bits_kl, sample_onehot_st,
                                                unimix_logprobs)
@@ -93,7 +94,7 @@ class WorldModel(TrainState, nn.Module):
         self.post_head = nn.Linear(self.encoder.out_dim, K * C)        # q(z_t | O_t)
         self.decoder = Decoder(cfg, self.encoder.out_shape)
         # stem: [z, onehot(a)] -> x (official: Linear(bias) -> RMSNorm -> SiLU, dropout on its output)
-        self.stem = nn.Sequential(nn.Linear(K * C + n_actions, D), nn.RMSNorm(D, eps=1e-5), nn.SiLU(),
+        self.stem = nn.Sequential(nn.Linear(K * C + n_actions, D), RMSNorm(D, eps=1e-5), nn.SiLU(),
                                   nn.Dropout(cfg.dropout))
         if backbone is None:
             from wmbench.core.registry import create_backbone

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from wmbench.backbones.base import RMSNorm
 from wmbench.world_model import folded_conv, lean_conv
 from wmbench.world_model.config import DramaConfig
 
@@ -15,7 +16,7 @@ def rms_mlp(d_in: int, d_hidden: int, d_out: int, n_layers: int) -> nn.Sequentia
     """n_layers x [Linear, RMSNorm, SiLU] then a Linear head (Tables 7-8)."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
-        layers += [nn.Linear(d_in if i == 0 else d_hidden, d_hidden), nn.RMSNorm(d_hidden, eps=1e-5), nn.SiLU()]
+        layers += [nn.Linear(d_in if i == 0 else d_hidden, d_hidden), RMSNorm(d_hidden, eps=1e-5), nn.SiLU()]
     layers.append(nn.Linear(d_hidden if n_layers else d_in, d_out))
     return nn.Sequential(*layers)
 
