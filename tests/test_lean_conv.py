@@ -21,29 +21,32 @@ def _pair(cfg):
     return enc, dec
 
 
-def _run(enc, dec, x):
-    feats = enc(x)
-    proj = torch.Generator().manual_seed(2)
-    z = torch.tanh(feats @ torch.randn(feats.shape[1], dec.fc.in_features, generator=proj))
-    out = dec(z)
-    loss = (out - x).pow(2).sum() + feats.square().mean()
+def _run(enc, dec, x, bf16: bool = False):
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        feats = enc(x)
+        proj = torch.Generator().manual_seed(2)
+        z = torch.tanh(feats @ torch.randn(feats.shape[1], dec.fc.in_features, generator=proj))
+        out = dec(z)
+        loss = (out.float() - x).pow(2).sum() + feats.float().square().mean()
     loss.backward()
     return loss.detach(), out.detach()
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("preset", ["tiny", "cpu", "XS"])
-def test_lean_stack_equals_plain_autograd(preset, monkeypatch):
+def test_lean_stack_equals_plain_autograd(preset, bf16, monkeypatch):
     cfg = get_preset(preset)
     cfg.enc_filters = tuple(min(f, 16) for f in cfg.enc_filters)  # narrow: the test is about the wiring
     lean = _pair(cfg)
     plain = copy.deepcopy(lean)
     torch.manual_seed(1)
     s = cfg.image_size // cfg.obs_pool
-    x = torch.rand(6, cfg.image_channels, s, s)
-    loss_lean, out_lean = _run(*lean, x)
+    x = torch.rand(6, cfg.image_channels, s, s).contiguous(memory_format=torch.channels_last)
+    loss_lean, out_lean = _run(*lean, x, bf16)
     with monkeypatch.context() as m:
         _plain(m)
-        loss_plain, out_plain = _run(*plain, x)
+        loss_plain, out_plain = _run(*plain, x, bf16)
+    assert out_lean.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert torch.equal(out_lean, out_plain)             # same ATen kernels forward: bit-identical
     assert torch.equal(loss_lean, loss_plain)
     for (name, p), q in zip(lean[0].named_parameters(), plain[0].parameters()):
@@ -75,8 +78,10 @@ def test_world_model_updates_match_plain_autograd(monkeypatch):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
 
 
-def test_lean_stack_keeps_one_tensor_per_layer():
-    """What autograd keeps for backward: about a third of the plain stack's activations."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lean_stack_keeps_one_tensor_per_layer(bf16):
+    """What autograd keeps for backward: about a third of the plain stack's activations (under autocast
+    too, where both keep bf16 tensors)."""
     cfg = get_preset("XS")
     enc, dec = _pair(cfg)
     x = torch.rand(8, 3, 64, 64)
@@ -91,10 +96,10 @@ def test_lean_stack_keeps_one_tensor_per_layer():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
         return total[0]
-    lean = saved_bytes(lambda: _run(enc, dec, x))
+    lean = saved_bytes(lambda: _run(enc, dec, x, bf16))
     with pytest.MonkeyPatch.context() as m:
         _plain(m)
-        plain = saved_bytes(lambda: _run(enc, dec, x))
+        plain = saved_bytes(lambda: _run(enc, dec, x, bf16))
     assert lean < 0.4 * plain, (lean, plain)
 
 
@@ -109,7 +114,10 @@ def test_eval_and_no_grad_take_the_plain_modules():
     assert not lean_conv.usable(x, enc)
     enc.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean_conv.usable(x, enc)                 # bf16 autocast: served, in bf16
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not lean_conv.usable(x, enc)
+    assert not lean_conv.usable(x.double(), enc)
 
 
 def test_first_encoder_layer_keeps_the_frames_not_its_conv_output(monkeypatch):
@@ -136,3 +144,28 @@ def test_first_encoder_layer_keeps_the_frames_not_its_conv_output(monkeypatch):
     assert cfg.enc_strides[0] == 1
     saved_plain, saved_lean = saved_bytes(False), saved_bytes(True)
     assert saved_plain - saved_lean == conv1_out - enc.net[0].bias.numel() * 4
+
+
+def test_world_model_updates_under_bf16_autocast_match_plain_autograd(monkeypatch):
+    """The lean stack under the agent's bf16 autocast: three world-model steps give the losses of the
+    plain stack under the same autocast."""
+    from wmbench.agent.estimate import random_batches
+    cfg = get_preset("tiny", amp=True)
+    torch.manual_seed(0)
+    wm_lean = WorldModel(cfg, 6)
+    wm_plain = copy.deepcopy(wm_lean)
+    batches = [random_batches(cfg, (cfg.image_size, cfg.image_size, cfg.image_channels), 6, 1.0)[0]
+               for _ in range(3)]
+    calls = []
+    real = lean_conv.run_stack
+    monkeypatch.setattr(lean_conv, "run_stack", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(5)
+    lean = [wm_lean.train_step(b) for b in batches]
+    assert calls, "the lean stack was not used under autocast"
+    with monkeypatch.context() as m:
+        _plain(m)
+        torch.manual_seed(5)
+        plain = [wm_plain.train_step(b) for b in batches]
+    for a, b in zip(lean, plain):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k

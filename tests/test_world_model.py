@@ -418,3 +418,32 @@ def test_rmsnorm_under_bf16_autocast_is_the_composite_on_the_fused_path(monkeypa
     assert y1.dtype == torch.bfloat16 and torch.equal(y1, y2)
     assert torch.equal(gx1, gx2) and torch.allclose(gw1, gw2, rtol=1e-6, atol=1e-6)
     assert seen == [(torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_imagination_encodes_contexts_under_bf16_only_with_amp(amp, monkeypatch):
+    """cfg.amp: the context frames' conv encoder runs under bf16 autocast (the official code's), the
+    posterior head, sampling and rollout in fp32; without amp everything stays fp32."""
+    torch.manual_seed(0)
+    cfg = tiny("gru", amp=amp)
+    wm, ag = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
+    seen = []
+    enc_forward, head_forward = wm.encoder.forward, wm.post_head.forward
+
+    def enc(x):
+        out = enc_forward(x)
+        seen.append(("encoder", torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    def head(x):
+        out = head_forward(x)
+        seen.append(("post_head", torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+    monkeypatch.setattr(wm.encoder, "forward", enc)
+    monkeypatch.setattr(wm.post_head, "forward", head)
+    b = fake_batch()
+    im = wm.imagine(b["obs"][:, :4], b["action"][:, :4], ag)
+    conv_dtype = torch.bfloat16 if amp else torch.float32
+    assert seen == [("encoder", amp, conv_dtype), ("post_head", False, torch.float32)]
+    assert im.z.dtype == im.h.dtype == torch.float32
+    assert torch.isfinite(im.h).all()

@@ -5,14 +5,16 @@ separately for each one's own peak: freed memory stays in the process).
 
     pytest tests/benchmarks --benchmark-only -k xs --benchmark-columns=median,rounds
 
-The world-model update runs twice: with the memory-lean conv stack (the default) and with plain autograd
-(what the code did before it), side by side in one process. `wmbench bench --agent --size XS` measures
+The world-model update runs with the memory-lean conv stack (the default) and with plain autograd (what
+the code did before it), side by side in one process, in fp32 and under bf16 autocast (`-k bf16`, on a
+CPU with native bf16 only: there its bound uses the bf16 matmul rate). `wmbench bench --agent --size XS` measures
 the same update phase by phase, with a full replay buffer in memory, and writes a record.
 """
 import pytest
 import torch
 
 from wmbench.agent import ActorCritic
+from wmbench.agent.config import bf16_native
 from wmbench.agent.estimate import random_batches
 from wmbench.core.measure import PeakMemory, matmul_throughput
 from wmbench.world_model import WorldModel, get_preset, lean_conv
@@ -20,13 +22,16 @@ from wmbench.world_model import WorldModel, get_preset, lean_conv
 N_ACTIONS = 18
 
 
-@pytest.fixture(scope="module")
-def xs():
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def xs(request):
+    bf16 = request.param == "bf16"
+    if bf16 and not bf16_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it")
     torch.manual_seed(0)
-    m = get_preset("XS", backbone="mamba2")
+    m = get_preset("XS", backbone="mamba2", amp=bf16)
     wm, ac = WorldModel(m, N_ACTIONS), ActorCritic(m, N_ACTIONS)
     batch, ctx = random_batches(m, (m.image_size, m.image_size, m.image_channels), N_ACTIONS, 1.0)
-    return wm, ac, batch, ctx, matmul_throughput("cpu")
+    return wm, ac, batch, ctx, matmul_throughput("cpu", torch.bfloat16 if bf16 else torch.float32)
 
 
 def _flops(fn) -> int:

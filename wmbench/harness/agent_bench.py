@@ -143,7 +143,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
             t1 = time.perf_counter()
             wm.eval()
             with torch.no_grad():
-                wm.encode(torch.as_tensor(ctx_obs[:, :n_ctx], device=dev))   # the context part alone
+                wm.encode(torch.as_tensor(ctx_obs[:, :n_ctx], device=dev), conv_amp=bool(wm.cfg.amp))  # as imagine()
             wm.train()
             sync()
             t2 = time.perf_counter()

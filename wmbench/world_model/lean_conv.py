@@ -12,8 +12,13 @@ pass recomputes BN(c) and SiLU from it (two element-wise passes, no matmul) and 
 kernels autograd would have called: `convolution_backward`, `silu_backward`,
 `native_batch_norm_backward`. The forward pass is the same ATen calls as the nn.Modules', so losses,
 parameters and running statistics are bit-identical to the plain stack, and the gradients are equal
-up to float rounding (tests/test_lean_conv.py). Used for training in fp32; eval mode, autocast and
-no-grad calls take the ordinary modules.
+up to float rounding (tests/test_lean_conv.py). Used for training, in fp32 and under bf16 autocast;
+eval mode and no-grad calls take the ordinary modules.
+
+Under autocast the stack does autocast's casts itself, once: the input and the conv weights and biases
+go to the autocast dtype (their gradients flow back through the casts to the fp32 parameters), and
+BatchNorm keeps fp32 parameters and statistics on a bf16 input, as autocast leaves it. The kernels and
+dtypes are then those of the plain stack under autocast, and each layer keeps one bf16 tensor.
 """
 from __future__ import annotations
 
@@ -34,6 +39,15 @@ def _bn_train(bn: nn.BatchNorm2d, c: torch.Tensor):
                                   momentum if momentum is not None else 0.0, bn.eps)
 
 
+def _no_autocast(fn):
+    """Run an autograd Function's backward with autocast off: its inputs already carry the forward's
+    dtypes, and autocast must not cast them again (CPU backward runs in the caller's autocast state)."""
+    def wrapper(ctx, g_out):
+        with torch.autocast(g_out.device.type, enabled=False):
+            return fn(ctx, g_out)
+    return wrapper
+
+
 class _BNSiLUConv(torch.autograd.Function):
     """out = conv(SiLU(BN(c))) (conv may be None: out = SiLU(BN(c))). Saves c, not the two activations."""
 
@@ -48,6 +62,7 @@ class _BNSiLUConv(torch.autograd.Function):
         return aten.convolution(y, weight, bias, *_conv_args(conv))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g_out):
         c, gamma, beta, mean, invstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -72,6 +87,7 @@ class _ConvBNSiLUConv(torch.autograd.Function):
         return aten.convolution(y, w2, b2, *_conv_args(conv2))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g_out):
         x, w1, b1, gamma, beta, mean, invstd, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -129,18 +145,36 @@ def _conv_args(conv: nn.Module) -> tuple:
     return (list(conv.stride), list(conv.padding), list(conv.dilation), transposed, out_pad, conv.groups)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes convs in here, or None when autocast is off."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def usable(x: torch.Tensor, module: nn.Module) -> bool:
-    """The lean path serves fp32 training with autograd; anything else takes the plain modules."""
-    return (module.training and torch.is_grad_enabled() and x.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type))
+    """The lean path serves training with autograd, in fp32 or under bf16 autocast; anything else
+    (eval, no grad, fp16 autocast, fp64) takes the plain modules."""
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    amp = _autocast_dtype(x.device.type)
+    if amp is None:
+        return x.dtype == torch.float32
+    return amp == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def bn_silu_conv(c: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Module | None) -> torch.Tensor:
-    """conv(SiLU(bn(c))) in training mode, keeping only c for the backward pass."""
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def bn_silu_conv(c: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Module | None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """conv(SiLU(bn(c))) in training mode, keeping only c for the backward pass; dtype: the conv's
+    compute dtype under autocast (run_stack passes it, with autocast off around the call)."""
     if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":
         raise ValueError("bn_silu_conv supports zero padding only")
-    w = conv.weight if conv is not None else None
-    b = conv.bias if conv is not None else None
+    w = _cast(conv.weight, dtype) if conv is not None else None
+    b = _cast(conv.bias, dtype) if conv is not None else None
     return _BNSiLUConv.apply(c, bn.weight, bn.bias, w, b, bn, conv)
 
 
@@ -148,14 +182,26 @@ RECOMPUTE_FIRST = True     # the encoder's first conv output is recomputed in ba
 
 
 def run_stack(x: torch.Tensor, first: nn.Module | None, blocks: list) -> torch.Tensor:
-    """x -> first(x) -> for (bn, conv) in blocks: conv(SiLU(bn(.))) with conv None for a last BN-SiLU."""
-    if first is not None and RECOMPUTE_FIRST and isinstance(first, nn.Conv2d) and blocks \
-            and blocks[0][1] is not None and first.padding_mode == "zeros":
-        (bn, conv), blocks = blocks[0], blocks[1:]
-        c = _ConvBNSiLUConv.apply(x, first.weight, first.bias, bn.weight, bn.bias, conv.weight, conv.bias,
-                                  first, bn, conv)
-    else:
-        c = first(x) if first is not None else x
-    for bn, conv in blocks:
-        c = bn_silu_conv(c, bn, conv)
+    """x -> first(x) -> for (bn, conv) in blocks: conv(SiLU(bn(.))) with conv None for a last BN-SiLU.
+    Under autocast, in its dtype (see the module docstring)."""
+    dtype = _autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        x = _cast(x, dtype)
+        if first is not None and RECOMPUTE_FIRST and isinstance(first, nn.Conv2d) and blocks \
+                and blocks[0][1] is not None and first.padding_mode == "zeros":
+            (bn, conv), blocks = blocks[0], blocks[1:]
+            c = _ConvBNSiLUConv.apply(x, _cast(first.weight, dtype), _cast(first.bias, dtype), bn.weight,
+                                      bn.bias, _cast(conv.weight, dtype), _cast(conv.bias, dtype), first, bn, conv)
+        elif first is None:
+            c = x
+        else:
+            c = first(x) if dtype is None else _plain_conv(first, x, _cast(first.weight, dtype),
+                                                           _cast(first.bias, dtype))
+        for bn, conv in blocks:
+            c = bn_silu_conv(c, bn, conv, dtype)
     return c
+
+
+def _plain_conv(conv: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """conv(x) with the given (cast) weight and bias, through autograd's ordinary convolution."""
+    return torch.convolution(x, w, b, *_conv_args(conv))

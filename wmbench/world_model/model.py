@@ -15,6 +15,7 @@ KL), optim.py (LaProp, warm-up, training state), config.py (sizes and the paper-
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -170,19 +171,23 @@ class WorldModel(TrainState, nn.Module):
                              f"got shape {tuple(obs.shape)}")
         return x * (1.0 / 255.0) if obs.dtype == torch.uint8 else x
 
-    def encode(self, obs: torch.Tensor):
+    def encode(self, obs: torch.Tensor, conv_amp: bool = False):
         """obs (B, L, ...frame) -> posterior log-probs (B, L, K, C) and ST one-hot sample z (B, L, K*C).
 
         Without autograd (imagination contexts: 1024 x 8 frames at XS) the frames go through the encoder
         ENCODE_CHUNK at a time, so its float copies and activations stay small and reused instead of
-        gigabytes of fresh pages; one sample is drawn over all of them, as unchunked."""
+        gigabytes of fresh pages; one sample is drawn over all of them, as unchunked. There `conv_amp`
+        runs the conv encoder under the config's bf16 autocast (cfg.amp), as the official code encodes
+        imagination contexts, while the posterior head and the sampling stay in fp32."""
         B, L = obs.shape[:2]
         n = B * L
-        if torch.is_grad_enabled() or n <= ENCODE_CHUNK:
+        if torch.is_grad_enabled():
             return self._encode_frames(self._frames(obs), B, L)
         flat = torch.as_tensor(obs, device=self.device).reshape(n, *obs.shape[2:])
-        feats = torch.cat([self.encoder(self._frames(flat[i:i + ENCODE_CHUNK])) for i in range(0, n, ENCODE_CHUNK)])
-        return self._latents(feats, B, L)
+        with autocast(self.cfg, self.device) if conv_amp else contextlib.nullcontext():
+            feats = torch.cat([self.encoder(self._frames(flat[i:i + ENCODE_CHUNK]))
+                               for i in range(0, n, ENCODE_CHUNK)])
+        return self._latents(feats.float() if conv_amp else feats, B, L)
 
     def _encode_frames(self, x: torch.Tensor, B: int, L: int):
         return self._latents(self.encoder(x), B, L)
@@ -303,9 +308,10 @@ class WorldModel(TrainState, nn.Module):
         was_training = self.training
         self.eval()   # BatchNorm running statistics, no dropout (as in the code)
         try:
-            # fp32 even with cfg.amp: the official code runs imagination as a CUDA graph in fp32
+            # fp32 even with cfg.amp: the official code runs imagination as a CUDA graph in fp32; only
+            # the context frames' conv encoder runs under its bf16 autocast, as there
             with torch.autocast(self.device.type, enabled=False):
-                _, z_ctx = self.encode(context_obs[:, :n_encode])           # (B, n_encode, K*C)
+                _, z_ctx = self.encode(context_obs[:, :n_encode], conv_amp=bool(cfg.amp))  # (B, n_encode, K*C)
                 state = self.backbone.init_state(B, max_len=n_prefill + H)
                 x_ctx = self.embed(z_ctx[:, :n_prefill], actions_ctx[:, :n_prefill])
                 h_ctx, state = self.backbone.prefill(x_ctx, state)       # (B, n_prefill, d): one pass
