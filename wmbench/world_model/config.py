@@ -103,7 +103,8 @@ class DramaConfig:
     wm_warmup: int = 1000
     decay_ssm_params: bool = False  # weight-decay A_log, D, dt_bias too (code: every parameter decays)
     amp: bool = False             # bf16 autocast for training and acting, world model and actor-critic
-                                  # (the code's; its imagination runs in fp32, and so does ours)
+                                  # (the code's; its imagination encodes contexts in bf16 and rolls
+                                  # out in fp32, its CUDA graph's dtype, and so does ours)
     init: str = "torch"           # PyTorch defaults, zero reward/critic outputs (DreamerV3); "code": below
     #   "code" = the official code's initialisation: truncated normal (fan-avg) for the encoder, decoder
     #   and reward/termination heads; orthogonal gain sqrt(2) for actor/critic hidden layers, 0.001 for
@@ -242,7 +243,7 @@ PAPER_VS_CODE: tuple[tuple[str, Any, Any, str], ...] = (
     ("actor_input_norm", False, True, "running mean/var normalisation of the actor's input, clip ±10"),
     ("decay_ssm_params", False, True, "weight decay also on A_log, D and dt_bias"),
     ("init", "torch", "code", "initialisation (paper silent): PyTorch/DreamerV3, or the code's"),
-    ("amp", False, True, "bf16 autocast for training and acting (imagination stays fp32)"),
+    ("amp", False, True, "bf16 autocast: training, acting, imagination's context encoder (the rollout stays fp32)"),
 )
 
 
