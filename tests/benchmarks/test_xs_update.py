@@ -37,12 +37,8 @@ def xs(request):
 def _flops(fn) -> int:
     """The model's FLOPs: the lean stack's recomputed first conv is work the bound must not credit."""
     from torch.utils.flop_counter import FlopCounterMode
-    recompute, lean_conv.RECOMPUTE_FIRST = lean_conv.RECOMPUTE_FIRST, False
-    try:
-        with FlopCounterMode(display=False) as fc:
-            fn()
-    finally:
-        lean_conv.RECOMPUTE_FIRST = recompute
+    with lean_conv.without_recompute(), FlopCounterMode(display=False) as fc:
+        fn()
     return int(fc.get_total_flops())
 
 

@@ -162,13 +162,9 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
         from torch.utils.flop_counter import FlopCounterMode
 
         from wmbench.world_model import lean_conv
-        recompute, lean_conv.RECOMPUTE_FIRST = lean_conv.RECOMPUTE_FIRST, False
-        try:
-            with FlopCounterMode(display=False) as fc:
-                wm.train_step(batch)
-                ac.update(wm.imagine(ctx_obs, ctx_act, ac))
-        finally:
-            lean_conv.RECOMPUTE_FIRST = recompute
+        with lean_conv.without_recompute(), FlopCounterMode(display=False) as fc:
+            wm.train_step(batch)
+            ac.update(wm.imagine(ctx_obs, ctx_act, ac))
         flops = int(fc.get_total_flops())
         tick()
         compiled, compile_why = cfg.compile, "--compile given" if cfg.compile else "--no-compile given"

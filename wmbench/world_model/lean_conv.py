@@ -22,6 +22,8 @@ dtypes are then those of the plain stack under autocast, and each layer keeps on
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -179,6 +181,18 @@ def bn_silu_conv(c: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Module | None,
 
 
 RECOMPUTE_FIRST = True     # the encoder's first conv output is recomputed in backward (_ConvBNSiLUConv)
+
+
+@contextlib.contextmanager
+def without_recompute():
+    """Keep the first conv's output instead of recomputing it, inside the block: for counting the model's
+    FLOPs, which must not credit the recomputation as work done."""
+    global RECOMPUTE_FIRST
+    saved, RECOMPUTE_FIRST = RECOMPUTE_FIRST, False
+    try:
+        yield
+    finally:
+        RECOMPUTE_FIRST = saved
 
 
 def run_stack(x: torch.Tensor, first: nn.Module | None, blocks: list) -> torch.Tensor:
