@@ -32,6 +32,14 @@ def _run(enc, dec, x, bf16: bool = False):
     return loss.detach(), out.detach()
 
 
+def _biases_before_batchnorm(module: torch.nn.Module) -> set:
+    """Names of the conv biases that a BatchNorm2d follows in `module.net` (their exact gradient is 0)."""
+    net = list(module.net)
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    return {f"net.{i}.bias" for i, m in enumerate(net[:-1])
+            if isinstance(m, convs) and isinstance(net[i + 1], torch.nn.BatchNorm2d)}
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("preset", ["tiny", "cpu", "XS"])
 def test_lean_stack_equals_plain_autograd(preset, bf16, monkeypatch):
@@ -49,10 +57,14 @@ def test_lean_stack_equals_plain_autograd(preset, bf16, monkeypatch):
     assert out_lean.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert torch.equal(out_lean, out_plain)             # same ATen kernels forward: bit-identical
     assert torch.equal(loss_lean, loss_plain)
-    for (name, p), q in zip(lean[0].named_parameters(), plain[0].parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"encoder {name}")
-    for (name, p), q in zip(lean[1].named_parameters(), plain[1].parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"decoder {name}")
+    for part, a, b in (("encoder", lean[0], plain[0]), ("decoder", lean[1], plain[1])):
+        noise = _biases_before_batchnorm(a)
+        scale = max(q.grad.abs().max().item() for q in b.parameters())
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            # a conv bias that BatchNorm follows has gradient 0 exactly (BN removes any per-channel shift):
+            # both sides hold float-rounding noise, which the lean stack's own bias sum rounds differently
+            atol = 1e-3 * scale if name in noise else 1e-6
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=f"{part} {name}")
     for (name, b), c in zip(list(lean[0].named_buffers()) + list(lean[1].named_buffers()),
                             list(plain[0].buffers()) + list(plain[1].buffers())):
         assert torch.equal(b, c), name                  # running statistics and batch counters
