@@ -420,30 +420,49 @@ def test_rmsnorm_under_bf16_autocast_is_the_composite_on_the_fused_path(monkeypa
     assert seen == [(torch.float32, torch.float32)]
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_imagination_encodes_contexts_under_bf16_only_with_amp(amp, monkeypatch):
+@pytest.mark.parametrize("amp,rollout,rollout_bf16", [(False, "auto", False), (True, "auto", True),
+                                                     (True, "fp32", False), (True, "amp", True)])
+def test_imagination_precision(amp, rollout, rollout_bf16, monkeypatch):
     """cfg.amp: the context frames' conv encoder runs under bf16 autocast (the official code's), the
-    posterior head, sampling and rollout in fp32; without amp everything stays fp32."""
+    posterior head and its sampling in fp32; the prefill and rollout under bf16 autocast on a CPU ("auto":
+    the code without CUDA graphs) or with rollout_precision "amp", in fp32 with "fp32"; without amp
+    everything stays fp32. The prior's log-probs are fp32 either way."""
     torch.manual_seed(0)
-    cfg = tiny("gru", amp=amp)
+    cfg = tiny("gru", amp=amp, rollout_precision=rollout)
     wm, ag = WorldModel(cfg, N_ACTIONS), Agent(cfg, N_ACTIONS)
     seen = []
-    enc_forward, head_forward = wm.encoder.forward, wm.post_head.forward
 
-    def enc(x):
-        out = enc_forward(x)
-        seen.append(("encoder", torch.is_autocast_enabled("cpu"), out.dtype))
-        return out
-
-    def head(x):
-        out = head_forward(x)
-        seen.append(("post_head", torch.is_autocast_enabled("cpu"), out.dtype))
-        return out
-    monkeypatch.setattr(wm.encoder, "forward", enc)
-    monkeypatch.setattr(wm.post_head, "forward", head)
+    def spy(name, fn):
+        def wrapped(*args):
+            out = fn(*args)
+            seen.append((name, torch.is_autocast_enabled("cpu"), (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+        return wrapped
+    monkeypatch.setattr(wm.encoder, "forward", spy("encoder", wm.encoder.forward))
+    monkeypatch.setattr(wm.post_head, "forward", spy("post_head", wm.post_head.forward))
+    monkeypatch.setattr(wm.backbone, "prefill", spy("prefill", wm.backbone.prefill))
+    monkeypatch.setattr(wm.backbone, "step", spy("step", wm.backbone.step))
+    monkeypatch.setattr(wm, "prior", spy("prior", wm.prior))
     b = fake_batch()
-    im = wm.imagine(b["obs"][:, :4], b["action"][:, :4], ag)
+    im = wm.imagine(b["obs"][:, :4], b["action"][:, :4], ag, horizon=2)
     conv_dtype = torch.bfloat16 if amp else torch.float32
-    assert seen == [("encoder", amp, conv_dtype), ("post_head", False, torch.float32)]
+    assert seen[:2] == [("encoder", amp, conv_dtype), ("post_head", False, torch.float32)]
+    # (the backbone's output dtype under autocast is its own business: a GRU's fp32 state promotes it)
+    rollout = [s[:2] for s in seen if s[0] in ("prefill", "step")]
+    assert rollout == [("prefill", rollout_bf16)] + [("step", rollout_bf16)] * 2
+    assert [s for s in seen if s[0] == "prior"] == [("prior", rollout_bf16, torch.float32)] * 3
     assert im.z.dtype == im.h.dtype == torch.float32
     assert torch.isfinite(im.h).all()
+
+
+def test_rollout_precision_auto_follows_the_official_code_per_device():
+    """"auto": fp32 where the official code captures a CUDA graph (CUDA), bf16 autocast elsewhere."""
+    from types import SimpleNamespace
+    rule = WorldModel.rollout_amp.fget
+    for device, mode, amp, want in [("cuda", "auto", True, False), ("cpu", "auto", True, True),
+                                    ("cuda", "amp", True, True), ("cpu", "fp32", True, False),
+                                    ("cpu", "amp", False, False)]:
+        cfg = tiny("gru", amp=amp, rollout_precision=mode)
+        assert rule(SimpleNamespace(cfg=cfg, device=torch.device(device))) is want, (device, mode, amp)
+    with pytest.raises(ValueError, match="rollout_precision must be one of auto, fp32, amp"):
+        tiny("gru", rollout_precision="bf16")

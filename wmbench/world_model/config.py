@@ -37,6 +37,7 @@ MODES = {
     "critic_target": ("dreamerv3", "storm"),
     "policy_latent": ("prior", "posterior"),
     "init": ("torch", "code"),
+    "rollout_precision": ("auto", "fp32", "amp"),
 }
 
 
@@ -102,9 +103,10 @@ class DramaConfig:
     wm_grad_clip: float = 1000.0
     wm_warmup: int = 1000
     decay_ssm_params: bool = False  # weight-decay A_log, D, dt_bias too (code: every parameter decays)
-    amp: bool = False             # bf16 autocast for training and acting, world model and actor-critic
-                                  # (the code's; its imagination encodes contexts in bf16 and rolls
-                                  # out in fp32, its CUDA graph's dtype, and so does ours)
+    amp: bool = False             # bf16 autocast for training, acting and imagination (the code's)
+    rollout_precision: str = "auto"   # with amp, imagination's prefill and rollout: "fp32" (the code's CUDA
+                                      # graph, its GPU default), "amp" (bf16 autocast, the code without CUDA
+                                      # graphs), "auto": fp32 on CUDA, amp elsewhere (WorldModel.rollout_amp)
     init: str = "torch"           # PyTorch defaults, zero reward/critic outputs (DreamerV3); "code": below
     #   "code" = the official code's initialisation: truncated normal (fan-avg) for the encoder, decoder
     #   and reward/termination heads; orthogonal gain sqrt(2) for actor/critic hidden layers, 0.001 for
@@ -243,7 +245,8 @@ PAPER_VS_CODE: tuple[tuple[str, Any, Any, str], ...] = (
     ("actor_input_norm", False, True, "running mean/var normalisation of the actor's input, clip ±10"),
     ("decay_ssm_params", False, True, "weight decay also on A_log, D and dt_bias"),
     ("init", "torch", "code", "initialisation (paper silent): PyTorch/DreamerV3, or the code's"),
-    ("amp", False, True, "bf16 autocast: training, acting, imagination's context encoder (the rollout stays fp32)"),
+    ("amp", False, True, "bf16 autocast: training, acting, imagination (its rollout in fp32 on CUDA, the code's "
+                         "CUDA graph)"),
 )
 
 

@@ -193,13 +193,16 @@ class WorldModel(TrainState, nn.Module):
         return self._latents(self.encoder(x), B, L)
 
     def _latents(self, feats: torch.Tensor, B: int, L: int):
-        logp = unimix_logprobs(self.post_head(feats).view(B, L, self.cfg.n_latents, self.cfg.n_classes),
-                               self.cfg.unimix)
+        logits = self.post_head(feats).float().view(B, L, self.cfg.n_latents, self.cfg.n_classes)
+        logp = unimix_logprobs(logits, self.cfg.unimix)
         return logp, sample_onehot_st(logp).flatten(-2)
 
     def prior(self, h: torch.Tensor):
-        """h (..., d) -> prior log-probs (..., K, C) over ẑ_{t+1}."""
-        logits = self.prior_head(h).unflatten(-1, (self.cfg.n_latents, self.cfg.n_classes))
+        """h (..., d) -> prior log-probs (..., K, C) over ẑ_{t+1}.
+
+        The heads' logits go to fp32 before any softmax: CUDA autocast (the official code's) runs softmax
+        in fp32, CPU autocast would keep it in bf16."""
+        logits = self.prior_head(h).float().unflatten(-1, (self.cfg.n_latents, self.cfg.n_classes))
         return unimix_logprobs(logits, self.cfg.unimix)
 
     def sample_prior(self, h: torch.Tensor) -> torch.Tensor:
@@ -216,7 +219,7 @@ class WorldModel(TrainState, nn.Module):
         return self.stem(torch.cat([z, F.one_hot(a, self.n_actions).to(z.dtype)], -1))
 
     def reward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.twohot.decode(self.reward_head(h))
+        return self.twohot.decode(self.reward_head(h).float())
 
     def termination(self, h: torch.Tensor) -> torch.Tensor:
         """Hard termination flag {0, 1} (logit > 0, as in the code and DreamerV3's mode)."""
@@ -233,7 +236,7 @@ class WorldModel(TrainState, nn.Module):
         # reconstruction: squared error summed over pixels, averaged over (b, l) (code; eq. 6's sum)
         l_rec = (recon - target).pow(2).sum((1, 2, 3)).mean()
         h = self.backbone(self.embed(z, actions))                       # (B, L, d)
-        l_rew = self.twohot.loss(self.reward_head(h), rewards.float())
+        l_rew = self.twohot.loss(self.reward_head(h).float(), rewards.float())
         l_term = F.binary_cross_entropy_with_logits(self.term_head(h).squeeze(-1), terminations.float())
         # d_t predicts z_{t+1}: posterior of steps 1..L-1 against prior from steps 0..L-2
         prior_logp = self.prior(h[:, :-1])
@@ -276,6 +279,15 @@ class WorldModel(TrainState, nn.Module):
         return out
 
     # --- imagination and acting ---
+    @property
+    def rollout_amp(self) -> bool:
+        """Whether imagination's prefill and rollout run under the bf16 autocast (only with cfg.amp). The
+        official code rolls out in fp32 where it captures a CUDA graph (its default on a GPU) and under bf16
+        autocast without one; `rollout_precision` "auto" does the same per device: fp32 on CUDA, bf16
+        elsewhere (a CPU has no CUDA graphs)."""
+        mode = self.cfg.rollout_precision
+        return bool(self.cfg.amp) and (mode == "amp" or (mode == "auto" and self.device.type != "cuda"))
+
     @torch.no_grad()
     def imagine(self, context_obs, context_actions, actor, horizon: int | None = None) -> Imagination:
         """Roll out `horizon` steps from b_img real contexts of length l_img (section 2.3, Algorithm 1).
@@ -308,10 +320,11 @@ class WorldModel(TrainState, nn.Module):
         was_training = self.training
         self.eval()   # BatchNorm running statistics, no dropout (as in the code)
         try:
-            # fp32 even with cfg.amp: the official code runs imagination as a CUDA graph in fp32; only
-            # the context frames' conv encoder runs under its bf16 autocast, as there
+            # the context frames' conv encoder runs under the bf16 autocast (cfg.amp), the posterior head
+            # and sampling in fp32; the prefill and rollout in the precision `rollout_amp` says
             with torch.autocast(self.device.type, enabled=False):
                 _, z_ctx = self.encode(context_obs[:, :n_encode], conv_amp=bool(cfg.amp))  # (B, n_encode, K*C)
+            with autocast(cfg, self.device) if self.rollout_amp else torch.autocast(self.device.type, enabled=False):
                 state = self.backbone.init_state(B, max_len=n_prefill + H)
                 x_ctx = self.embed(z_ctx[:, :n_prefill], actions_ctx[:, :n_prefill])
                 h_ctx, state = self.backbone.prefill(x_ctx, state)       # (B, n_prefill, d): one pass
