@@ -55,15 +55,19 @@ def test_lean_stack_equals_plain_autograd(preset, bf16, monkeypatch):
         _plain(m)
         loss_plain, out_plain = _run(*plain, x, bf16)
     assert out_lean.dtype == (torch.bfloat16 if bf16 else torch.float32)
-    assert torch.equal(out_lean, out_plain)             # same ATen kernels forward: bit-identical
-    assert torch.equal(loss_lean, loss_plain)
+    # the same ATen kernels forward, except the XS decoder's last layer on 2 x 2 blocks (space_to_depth.py):
+    # equal up to float rounding
+    torch.testing.assert_close(out_lean, out_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_lean, loss_plain, rtol=1e-6, atol=0.0)
     for part, a, b in (("encoder", lean[0], plain[0]), ("decoder", lean[1], plain[1])):
         noise = _biases_before_batchnorm(a)
         scale = max(q.grad.abs().max().item() for q in b.parameters())
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             # a conv bias that BatchNorm follows has gradient 0 exactly (BN removes any per-channel shift):
             # both sides hold float-rounding noise, which the lean stack's own bias sum rounds differently
-            atol = 1e-3 * scale if name in noise else 1e-6
+            # else float rounding: the XS decoder's last layer runs its forward on 2 x 2 blocks, which moves
+            # its output by ~1e-7 and every gradient by up to ~3e-6 of its tensor's largest entry
+            atol = 1e-3 * scale if name in noise else 1e-5 * q.grad.abs().max().item() + 1e-6
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=f"{part} {name}")
     for (name, b), c in zip(list(lean[0].named_buffers()) + list(lean[1].named_buffers()),
                             list(plain[0].buffers()) + list(plain[1].buffers())):

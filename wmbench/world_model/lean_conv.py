@@ -32,6 +32,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from wmbench.world_model import space_to_depth
+
 aten = torch.ops.aten
 
 
@@ -66,7 +68,7 @@ class _BNSiLUConv(torch.autograd.Function):
         ctx.save_for_backward(c, gamma, beta, mean, invstd, weight)
         if conv is None:
             return y
-        return aten.convolution(y, weight, bias, *_conv_args(conv))
+        return _conv_forward(conv, y, weight, bias)
 
     @staticmethod
     @_no_autocast
@@ -91,7 +93,7 @@ class _ConvBNSiLUConv(torch.autograd.Function):
         y = aten.silu_(a)
         ctx.bn, ctx.conv, ctx.conv1 = bn, conv2, conv1
         ctx.save_for_backward(x, w1, b1, gamma, beta, mean, invstd, w2)
-        return aten.convolution(y, w2, b2, *_conv_args(conv2))
+        return _conv_forward(conv2, y, w2, b2)
 
     @staticmethod
     @_no_autocast
@@ -141,6 +143,14 @@ def _backward(g_out, c, gamma, beta, mean, invstd, weight, bn, conv, need_w: boo
         g_c, g_gamma, g_beta = aten.native_batch_norm_backward(
             g_a, c, gamma, None, None, mean, invstd, True, bn.eps, mask)
     return g_c, g_gamma, g_beta, g_w, g_b
+
+
+def _conv_forward(conv: nn.Module, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """conv(y): the decoder's 3-channel last layer on 2 x 2 blocks (space_to_depth.py), else the direct
+    kernel. Backward always takes the direct kernels: the same linear map, their gradients are its own."""
+    if space_to_depth.usable(conv, y):
+        return space_to_depth.conv_forward(conv, y, weight, bias)
+    return aten.convolution(y, weight, bias, *_conv_args(conv))
 
 
 def _bias_sizes(conv: nn.Module):
