@@ -217,8 +217,9 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
                              "parameters", "world model + actor-critic")
     out["threads"] = metric(torch.get_num_threads(), "threads", "torch.get_num_threads() in the cell")
     out["compiled"] = metric(bool(compiled), "bool", f"torch.compile of the rollout step: {compile_why}")
-    out["precision"] = metric(precision, "", "training, acting and context-encoding precision (the rollout stays "
-                              f"fp32): {precision_why}")
+    rollout = "bf16 autocast" if wm.rollout_amp else "fp32"
+    out["precision"] = metric(precision, "", f"training, acting and context-encoding precision (the rollout: "
+                              f"{rollout}): {precision_why}")
     return out
 
 
