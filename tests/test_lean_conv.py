@@ -1,12 +1,13 @@
 """The memory-lean conv stack (BN -> SiLU -> Conv as one autograd node) against plain autograd."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from wmbench.world_model import WorldModel, get_preset, lean_conv
+from wmbench.world_model import WorldModel, get_preset, lean_conv, space_to_depth
 from wmbench.world_model.networks import Decoder, Encoder
 
 
@@ -167,3 +168,26 @@ def test_first_encoder_layer_keeps_the_frames_not_its_conv_output(monkeypatch):
     saved_plain, saved_lean = saved_bytes(False), saved_bytes(True)
     assert saved_plain - saved_lean == conv1_out - enc.net[0].bias.numel() * 4
 
+
+
+def test_model_flops_counts_what_the_plain_stack_computes(monkeypatch):
+    """Inside lean_conv.model_flops() the FLOP counter sees the model's FLOPs: neither the recomputed
+    first conv nor the zero taps of the decoder's last layer on 2 x 2 blocks (both used at XS)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = get_preset("XS")
+    cfg.enc_filters = tuple(min(f, 16) for f in cfg.enc_filters)
+    enc, dec = _pair(cfg)
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+
+    def flops(lean: bool, counting: bool) -> int:
+        with monkeypatch.context() as m:
+            if not lean:
+                _plain(m)
+            with lean_conv.model_flops() if counting else contextlib.nullcontext(), \
+                    FlopCounterMode(display=False) as fc:
+                _run(enc, dec, x)
+        return fc.get_total_flops()
+    model = flops(lean=False, counting=False)
+    assert flops(lean=True, counting=True) == model
+    assert flops(lean=True, counting=False) > model      # the recomputation and the zero taps, when running
+    assert lean_conv.RECOMPUTE_FIRST and space_to_depth.ENABLED   # restored after the block

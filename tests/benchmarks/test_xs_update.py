@@ -16,6 +16,7 @@ import torch
 from wmbench.agent import ActorCritic
 from wmbench.agent.config import bf16_native
 from wmbench.agent.estimate import random_batches
+from wmbench.core import allocator
 from wmbench.core.measure import PeakMemory, matmul_throughput
 from wmbench.world_model import WorldModel, get_preset, lean_conv
 
@@ -35,9 +36,9 @@ def xs(request):
 
 
 def _flops(fn) -> int:
-    """The model's FLOPs: the lean stack's recomputed first conv is work the bound must not credit."""
+    """The model's FLOPs: neither the recomputed first conv nor the zero taps of the 2 x 2 block forward."""
     from torch.utils.flop_counter import FlopCounterMode
-    with lean_conv.without_recompute(), FlopCounterMode(display=False) as fc:
+    with lean_conv.model_flops(), FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())
 
@@ -48,7 +49,7 @@ def _run(benchmark, fn, rate: float, flops: int):
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(flops=flops, matmul_flops_per_s=rate, over_flop_bound=t / (flops / rate),
                                 peak_rss_gb=getattr(mem, "peak_total_bytes", mem.peak_bytes) / 1e9,
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(), malloc=allocator.active())
 
 
 @pytest.mark.parametrize("stack", ["lean", "plain"])

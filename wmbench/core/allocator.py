@@ -67,10 +67,11 @@ def _wanted(mode: str | None) -> str:
     return mode
 
 
-def reexec_with_tcmalloc(argv: list[str]) -> None:
-    """If this process should run under tcmalloc and does not yet, replace it with `python -m wmbench.cli
-    ARGV` with tcmalloc preloaded (once: a flag in the environment stops a second try). Returns only when
-    nothing needs doing or the library cannot be found (then `configure` explains or falls back)."""
+def reexec_with_tcmalloc(argv: list[str], module: str = "wmbench.cli") -> None:
+    """If this process should run under tcmalloc and does not yet, replace it with `python -m MODULE ARGV`
+    with tcmalloc preloaded (once: a flag in the environment stops a second try). Returns only when
+    nothing needs doing or the library cannot be found (then `configure` explains or falls back). The
+    benchmark suite calls it with module "pytest", so that it measures what the commands run."""
     if os.environ.get(_REEXEC_FLAG) or tcmalloc_loaded():
         return
     try:
@@ -86,7 +87,7 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "wmbench.cli", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
     except OSError:
         return                                      # could not exec: carry on with glibc
 

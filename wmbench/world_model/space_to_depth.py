@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 MAX_OUT_CHANNELS = 8   # below oneDNN's 16-channel output block; wider layers are served well directly
 MIN_SIZE = 32          # measured at 64 x 64 only; small images keep the direct conv
+ENABLED = True         # off inside lean_conv.model_flops(), which counts the model's FLOPs
 CHUNK = 256            # frames per rearranged copy: at XS a whole batch's is 0.54 GB in fp32, which raised
                        # the XS update's peak memory by as much (5.7 -> 6.3 GB, measured)
 
@@ -35,7 +36,7 @@ CHUNK = 256            # frames per rearranged copy: at XS a whole batch's is 0.
 def usable(conv: nn.Module, x: torch.Tensor) -> bool:
     """conv: a stride-1 'same' Conv2d / ConvTranspose2d with few output channels, on an even-sized
     channels-last input (what the rearrangements are written for)."""
-    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or conv.groups != 1:
+    if not ENABLED or not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or conv.groups != 1:
         return False
     k = conv.kernel_size
     if k[0] != k[1] or k[0] % 2 == 0 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1):
