@@ -13,6 +13,16 @@ import sys  # noqa: E402
 
 from wmbench.core import allocator  # noqa: E402
 
-if any(a in ("--benchmark-only", "--benchmark-enable") for a in sys.argv[1:]):
-    allocator.reexec_with_tcmalloc(sys.argv[1:], module="pytest")
 allocator.configure()
+
+
+def pytest_configure(config):
+    if any(a in ("--benchmark-only", "--benchmark-enable") for a in sys.argv[1:]):
+        # pytest has redirected stdout/stderr into its capture files by now: hand the terminal back first,
+        # or the restarted process would write its report there
+        capman = config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        allocator.reexec_with_tcmalloc(sys.argv[1:], module="pytest")
+        if capman is not None:                      # not restarted (no tcmalloc, or already under it)
+            capman.resume_global_capture()
