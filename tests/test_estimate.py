@@ -32,11 +32,26 @@ def test_bad_size_names_auto_among_the_choices():
 
 
 def test_extrapolation_hand_cases():
-    f1, f2 = FRACTIONS
+    f1, f2 = FRACTIONS[:2]
     # t = 0.1 + 2.0 f: exact at f = 1
     assert extrapolate(0.1 + 2.0 * f1, 0.1 + 2.0 * f2) == pytest.approx(2.1)
     # a smaller second time (noise) is read as a flat line, never as a negative slope
     assert extrapolate(0.5, 0.4) == pytest.approx(0.5)
+
+
+def test_prediction_from_the_fractions_timed():
+    from wmbench.agent.estimate import _predict
+    assert _predict({0.25: 0.3, 1.0: 0.9}, 1.0) == 0.9                       # measured: taken as is
+    assert _predict({0.0625: 0.1, 0.125: 0.2, 0.25: 0.35}, 1.0) == pytest.approx(0.35 + 1.2 * 0.75)  # last two
+    assert _predict({0.0625: 0.1}, 0.125) == pytest.approx(0.2)              # one point: proportional
+
+
+def test_a_cheap_update_is_timed_at_the_full_batch():
+    """At the tiny size the whole ladder fits the budget: the estimate is the full batch's measured time,
+    not an extrapolation of two small fractions' noise."""
+    est = estimate_update(get_preset("tiny"), (64, 64, 3), 6, torch.device("cpu"), threads=1)
+    assert list(est.by_fraction) == list(FRACTIONS)
+    assert est.s_per_update == est.by_fraction[1.0]
 
 
 def test_updates_left_counts_the_warmup_and_train_ratio():

@@ -1,12 +1,16 @@
 """How long a run will take, and with how many threads, from a few seconds of measurement.
 
 One update (world-model step on b x l windows, imagination from b_img contexts, actor-critic step) is
-timed on throw-away models at two reduced batch fractions f1 < f2 of the real batch sizes (sequence
-lengths and widths unchanged), and extrapolated linearly to f = 1: t(f) = t0 + f * t_batch, which
-separates the fixed per-update cost (optimiser steps, Python) from the part that scales with the
-batch. Timing the full update three times took 5.5 minutes at XS on a 2-core CPU; this takes seconds.
+timed on throw-away models at growing fractions f of the real batch sizes (1/16, 1/8, 1/4, ...; sequence
+lengths and widths unchanged) while the measurement stays within a few seconds. If the full batch fits,
+its time is the estimate; otherwise the line t(f) = t0 + f * t_batch through the two largest fractions
+timed is extrapolated to f = 1 (t0: the fixed per-update cost, optimiser steps and Python). Two small
+fractions alone were not enough: at the `cpu` size their times differ by less than their noise, and the
+16x extrapolation of that difference printed 0.09 s and 0.58 s per update on two starts of the same
+command (0.19 s measured). Timing the full XS update three times took 5.5 minutes on a 2-core CPU; this
+takes seconds.
 
-Threads (CPU, when --threads is not given): the reduced update is timed at 1 thread and at every core
+Threads (CPU, when --threads is not given): the smallest fraction is timed at 1 thread and at every core
 this process may use; the fastest count is used. A larger batch parallelises at least as well, so the
 choice errs toward fewer threads. The global RNGs are not touched (fork_rng, a local numpy generator).
 """
@@ -20,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-FRACTIONS = (1 / 16, 1 / 8)
+FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)   # timed in turn while the measurement fits MEASURE_BUDGET_S
+MEASURE_BUDGET_S = 2.0    # seconds for the fractions after the thread choice
 
 
 @dataclass
@@ -29,8 +34,10 @@ class UpdateEstimate:
     threads: int                              # threads it was measured with (and the run uses)
     by_threads: dict = field(default_factory=dict)   # threads -> seconds of the f1 update
     measure_s: float = 0.0                    # how long the measurement itself took
-    method: str = (f"one update timed at batch fractions {FRACTIONS[0]:g} and {FRACTIONS[1]:g} of (b, b_img) "
-                   "on throw-away models, linear in the batch, extrapolated to the full batch")
+    by_fraction: dict = field(default_factory=dict)  # batch fraction -> seconds (best of its repeats)
+    method: str = ("one update timed on throw-away models at batch fractions 1/16, 1/8, ... of (b, b_img) while "
+                   f"the measurement fits {MEASURE_BUDGET_S:g} s; the full batch's time if reached, else the line "
+                   "through the two largest fractions extrapolated to the full batch")
 
 
 def usable_cores() -> int:
@@ -50,9 +57,11 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         wm, ac = WorldModel(mcfg, n_actions).to(device), ActorCritic(mcfg, n_actions).to(device)
-        batches = {f: random_batches(mcfg, obs_shape, n_actions, f) for f in FRACTIONS}
+        batches: dict = {}
 
         def timed(f: float) -> float:
+            if f not in batches:
+                batches[f] = random_batches(mcfg, obs_shape, n_actions, f)
             t0 = time.perf_counter()
             wm.train_step(batches[f][0])
             ac.update(wm.imagine(*batches[f][1], ac))
@@ -71,16 +80,36 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
             by_threads[n] = min(timed(FRACTIONS[0]) for _ in range(1 if first > 1.0 else 3))
         best = min(by_threads, key=by_threads.get)
         torch.set_num_threads(best)
-        t1, reps = by_threads[best], 1 if by_threads[best] > 1.0 else 3
-        t2 = min(timed(FRACTIONS[1]) for _ in range(reps))
+        by_fraction = {FRACTIONS[0]: by_threads[best]}
+        t_ladder = time.perf_counter()
+        for f in FRACTIONS[1:]:
+            predicted = _predict(by_fraction, f)          # one call at f
+            reps = 1 if predicted > 1.0 else 3           # the first call at a new size pays one-off costs
+            if len(by_fraction) > 1 and time.perf_counter() - t_ladder + predicted * reps > MEASURE_BUDGET_S:
+                break                                    # (two fractions are always timed)
+            by_fraction[f] = min(timed(f) for _ in range(reps))
     torch.set_num_threads(old_threads)
-    return UpdateEstimate(extrapolate(t1, t2), best, by_threads, time.perf_counter() - t_start)
+    return UpdateEstimate(_predict(by_fraction, 1.0), best, by_threads, time.perf_counter() - t_start, by_fraction)
 
 
-def extrapolate(t1: float, t2: float, f1: float = FRACTIONS[0], f2: float = FRACTIONS[1]) -> float:
-    """The full-batch time of the line through (f1, t1) and (f2, t2); a smaller t2 (noise) counts as flat."""
+def _predict(by_fraction: dict, f: float) -> float:
+    """Seconds at fraction f: measured, or on the line through the two largest fractions timed (with only
+    one, proportional to the batch: an upper bound)."""
+    if f in by_fraction:
+        return by_fraction[f]
+    points = sorted(by_fraction.items())
+    if len(points) == 1:
+        (f1, t1), = points
+        return t1 * f / f1
+    (f1, t1), (f2, t2) = points[-2:]
+    return extrapolate(t1, t2, f1, f2, f)
+
+
+def extrapolate(t1: float, t2: float, f1: float = FRACTIONS[0], f2: float = FRACTIONS[1],
+                f: float = 1.0) -> float:
+    """The time at fraction f on the line through (f1, t1) and (f2, t2); a smaller t2 (noise) counts as flat."""
     slope = max(t2 - t1, 0.0) / (f2 - f1)
-    return t1 + slope * (1.0 - f1)
+    return t1 + slope * (f - f1)
 
 
 def random_batches(mcfg, obs_shape: tuple, n_actions: int, f: float):

@@ -363,7 +363,7 @@ def banner(cfg: TrainConfig) -> str:
 def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
     """Measure seconds per update (and, on CPU without --threads, the thread count to use); print it."""
     cfg = run.cfg
-    print("  measuring one update at 1/16 and 1/8 of the batch" + (" with 1 and all threads" if measure_threads
+    print("  measuring one update at 1/16, 1/8, ... of the batch" + (" with 1 and all threads" if measure_threads
           else "") + " ...", file=sys.stderr, flush=True)
     est = estimate_update(run.mcfg, tuple(run.env.observation_space.shape), run.wm.n_actions, run.device,
                           threads=None if measure_threads else torch.get_num_threads())
@@ -373,7 +373,9 @@ def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
         cfg.auto_choices["threads"] = f"{est.threads}, the fastest reduced update ({timings})"
         print(f"  threads -> {est.threads} (reduced update: {timings})", file=sys.stderr)
     n_left = updates_left(cfg, run.progress.step)
-    print(f"  estimate: {est.s_per_update:.2f} s per update x {n_left:,.0f} updates left = about "
+    largest = max(est.by_fraction) if est.by_fraction else 1.0
+    basis = "timed at the full batch" if largest == 1.0 else f"extrapolated from batch fractions up to {largest:g}"
+    print(f"  estimate: {est.s_per_update:.2f} s per update ({basis}) x {n_left:,.0f} updates left = about "
           f"{fmt_duration(est.s_per_update * n_left)} of training, plus acting and evaluation "
           f"(measured in {est.measure_s:.1f} s; the progress bar's eta follows the real pace)", file=sys.stderr)
     return est
