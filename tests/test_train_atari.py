@@ -51,7 +51,8 @@ def full_run(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):   # the wall-time estimate times updates on copies: no side effects
         summary = train(_cfg(d / "run", d / "runs"), progress=False, estimate=True)
-    assert "estimate:" in err.getvalue() and " s per update x " in err.getvalue()
+    out = err.getvalue()
+    assert "estimate:" in out and " s per update (" in out and " updates left = about " in out
     return d, summary
 
 

@@ -11,8 +11,9 @@ command (0.19 s measured). Timing the full XS update three times took 5.5 minute
 takes seconds.
 
 Threads (CPU, when --threads is not given): the smallest fraction is timed at 1 thread and at every core
-this process may use; the fastest count is used. A larger batch parallelises at least as well, so the
-choice errs toward fewer threads. The global RNGs are not touched (fork_rng, a local numpy generator).
+this process may use, the fastest count times the larger fractions, and the others are timed again at
+the largest one, where the choice is made: a small batch can favour fewer threads than the real one.
+The global RNGs are not touched (fork_rng, a local numpy generator).
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ MEASURE_BUDGET_S = 2.0    # seconds for the fractions after the thread choice
 class UpdateEstimate:
     s_per_update: float                       # extrapolated seconds per full update
     threads: int                              # threads it was measured with (and the run uses)
-    by_threads: dict = field(default_factory=dict)   # threads -> seconds of the f1 update
+    by_threads: dict = field(default_factory=dict)   # threads -> seconds of the update at `threads_at`
     measure_s: float = 0.0                    # how long the measurement itself took
     by_fraction: dict = field(default_factory=dict)  # batch fraction -> seconds (best of its repeats)
+    threads_at: float = 1 / 16                # the batch fraction the thread counts were compared at
     method: str = ("one update timed on throw-away models at batch fractions 1/16, 1/8, ... of (b, b_img) while "
                    f"the measurement fits {MEASURE_BUDGET_S:g} s; the full batch's time if reached, else the line "
                    "through the two largest fractions extrapolated to the full batch")
@@ -88,8 +90,22 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
             if len(by_fraction) > 1 and time.perf_counter() - t_ladder + predicted * reps > MEASURE_BUDGET_S:
                 break                                    # (two fractions are always timed)
             by_fraction[f] = min(timed(f) for _ in range(reps))
+        s_full = _predict(by_fraction, 1.0)
+        f_top = max(by_fraction)
+        if len(candidates) > 1 and f_top > FRACTIONS[0]:
+            # the thread choice again at the largest batch timed: a small batch can favour 1 thread where the
+            # real one runs faster on all cores (XS here: 1 thread at 1/16 of the batch, 2 at 1/8)
+            at_top = {best: by_fraction[f_top]}
+            for n in candidates:
+                if n != best:
+                    torch.set_num_threads(n)
+                    at_top[n] = min(timed(f_top) for _ in range(1 if at_top[best] > 1.0 else 2))
+            top = min(at_top, key=at_top.get)
+            s_full *= at_top[top] / at_top[best]     # the other count: scaled by its time at f_top
+            best, by_threads = top, at_top
+        chosen_at = f_top if len(candidates) > 1 and f_top > FRACTIONS[0] else FRACTIONS[0]
     torch.set_num_threads(old_threads)
-    return UpdateEstimate(_predict(by_fraction, 1.0), best, by_threads, time.perf_counter() - t_start, by_fraction)
+    return UpdateEstimate(s_full, best, by_threads, time.perf_counter() - t_start, by_fraction, chosen_at)
 
 
 def _predict(by_fraction: dict, f: float) -> float:

@@ -369,9 +369,10 @@ def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
                           threads=None if measure_threads else torch.get_num_threads())
     if measure_threads:
         torch.set_num_threads(est.threads)
-        timings = ", ".join(f"{n}: {t:.3f} s" for n, t in est.by_threads.items())
-        cfg.auto_choices["threads"] = f"{est.threads}, the fastest reduced update ({timings})"
-        print(f"  threads -> {est.threads} (reduced update: {timings})", file=sys.stderr)
+        timings = ", ".join(f"{n}: {t:.3f} s" for n, t in sorted(est.by_threads.items()))
+        at = "the full batch" if est.threads_at == 1.0 else f"{est.threads_at:g} of the batch"
+        cfg.auto_choices["threads"] = f"{est.threads}, the fastest update at {at} ({timings})"
+        print(f"  threads -> {est.threads} (one update at {at}: {timings})", file=sys.stderr)
     n_left = updates_left(cfg, run.progress.step)
     largest = max(est.by_fraction) if est.by_fraction else 1.0
     basis = "timed at the full batch" if largest == 1.0 else f"extrapolated from batch fractions up to {largest:g}"
