@@ -90,8 +90,7 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
             if len(by_fraction) > 1 and time.perf_counter() - t_ladder + predicted * reps > MEASURE_BUDGET_S:
                 break                                    # (two fractions are always timed)
             by_fraction[f] = min(timed(f) for _ in range(reps))
-        s_full = _predict(by_fraction, 1.0)
-        f_top = max(by_fraction)
+        s_full, f_top, threads_at = _predict(by_fraction, 1.0), max(by_fraction), FRACTIONS[0]
         if len(candidates) > 1 and f_top > FRACTIONS[0]:
             # the thread choice again at the largest batch timed: a small batch can favour 1 thread where the
             # real one runs faster on all cores (XS here: 1 thread at 1/16 of the batch, 2 at 1/8)
@@ -102,10 +101,9 @@ def estimate_update(mcfg, obs_shape: tuple, n_actions: int, device: torch.device
                     at_top[n] = min(timed(f_top) for _ in range(1 if at_top[best] > 1.0 else 2))
             top = min(at_top, key=at_top.get)
             s_full *= at_top[top] / at_top[best]     # the other count: scaled by its time at f_top
-            best, by_threads = top, at_top
-        chosen_at = f_top if len(candidates) > 1 and f_top > FRACTIONS[0] else FRACTIONS[0]
+            best, by_threads, threads_at = top, at_top, f_top
     torch.set_num_threads(old_threads)
-    return UpdateEstimate(s_full, best, by_threads, time.perf_counter() - t_start, by_fraction, chosen_at)
+    return UpdateEstimate(s_full, best, by_threads, time.perf_counter() - t_start, by_fraction, threads_at)
 
 
 def _predict(by_fraction: dict, f: float) -> float:

@@ -158,7 +158,7 @@ def run_cell(cfg: AgentBenchConfig, backbone: str) -> dict:
             return t
 
         # FLOPs first, on the eager step (the counter sees every op; a compiled step hides them), and
-        # without the lean stack's recomputed conv: the bound counts the model's work, not our extra
+        # as the model computes them (lean_conv.model_flops): the bound counts its work, not our extra
         from torch.utils.flop_counter import FlopCounterMode
 
         from wmbench.world_model import lean_conv

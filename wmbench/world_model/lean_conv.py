@@ -119,14 +119,14 @@ def _backward(g_out, c, gamma, beta, mean, invstd, weight, bn, conv, need_w: boo
         g_y = g_out
     else:   # weight gradient first, so that SiLU's output is freed before the input gradient exists
         need_b = need_b and conv.bias is not None
-        own_bias = need_b and isinstance(conv, nn.ConvTranspose2d)
-        if own_bias:   # oneDNN's deconvolution bias gradient costs as much as its weight gradient (module doc)
+        if need_b and isinstance(conv, nn.ConvTranspose2d):
+            # oneDNN's deconvolution bias gradient costs as much as its weight gradient (module doc)
             g_b, need_b = g_out.sum((0, 2, 3)), False
         if need_w or need_b:
             y = aten.silu(a)
             _, g_w, g_b_conv = aten.convolution_backward(
                 g_out, y, weight, _bias_sizes(conv), *_conv_args(conv), [False, need_w, need_b])
-            g_b = g_b if own_bias else g_b_conv
+            g_b = g_b_conv if need_b else g_b
             del y
         g_y = aten.convolution_backward(g_out, a, weight, None, *_conv_args(conv), [True, False, False])[0]
     own = conv is not None                  # g_y is our buffer (not autograd's g_out): overwrite it

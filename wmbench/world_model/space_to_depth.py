@@ -11,7 +11,7 @@ as 16 (measured: padding the output to 16 channels left its time unchanged). Rea
                                  (0 where that tap falls outside the k x k kernel)
 
 It does 1.44x the multiply-adds (the zero taps) at several times the rate: 2,048 frames, 2-core AMD EPYC,
-channels-last, forward 482 -> ~250 ms in fp32 and 259 -> ~175 ms in bf16, rearrangements included. The
+channels-last, forward 465 -> 269 ms in fp32 and 238 -> 140 ms in bf16, rearrangements included. The
 phase-major channel order makes both rearrangements copies of contiguous runs of 2·C values.
 
 Only the forward pass is computed this way: its gradients are those of the original conv, which the
