@@ -44,6 +44,12 @@ def test_every_phase_measured(record):
         lo = sum(min(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
         hi = sum(max(cell[k]["samples_ms"]) for k in ("wm_update", "imagine_context", "imagine_rollout", "ac_update"))
         assert lo - 1e-6 <= cell["update"]["value"] <= hi + 1e-6
+        # the FLOP bound: the update's FLOPs at the best fp32 rate measured before and after the cells
+        rate = rec["metrics"]["matmul_throughput"]
+        assert len(rate["samples"]) == 2 and rate["value"] == max(rate["samples"])
+        bound_s = cell["update_flops"]["value"] / rate["value"]
+        assert cell["x_fp32_bound"]["value"] == pytest.approx(cell["update"]["value"] / 1e3 / bound_s)
+        assert (cell["precision"]["value"] == "bf16") == ("x_bf16_bound" in cell)
 
 
 def test_report_table_and_plot(record):
@@ -82,6 +88,11 @@ def test_forced_bf16_is_measured_and_recorded(tmp_path):
     assert cell["precision"]["value"] == "bf16" and "--precision bf16 given" in cell["precision"]["method"]
     assert rec["metrics"]["matmul_throughput_bf16"]["value"] > 0       # the bf16 cell's bound is bf16's rate
     assert "bf16 matmul" in cell["fraction_of_matmul_peak"]["method"]
+    bf16_rate = rec["metrics"]["matmul_throughput_bf16"]["value"]
+    assert cell["fraction_of_matmul_peak"]["value"] == pytest.approx(cell["achieved_flops"]["value"] / bf16_rate)
+    # one update time, two yardsticks: the ratios are in the ratio of the two matmul rates
+    assert cell["x_bf16_bound"]["value"] / cell["x_fp32_bound"]["value"] == pytest.approx(
+        bf16_rate / rec["metrics"]["matmul_throughput"]["value"])
     assert "| bf16 |" in p.stdout
 
 

@@ -17,26 +17,32 @@ def _step_kind(cell: dict) -> str:
     return "compiled" if cell["compiled"]["value"] else "eager"
 
 
+def _x_fp32(cell: dict) -> str:
+    return f"{_v(cell, 'x_fp32_bound'):.2f}×" if "x_fp32_bound" in cell else "-"
+
+
 def agent_bench_markdown(records: list[dict]) -> str:
     lines = ["# Agent benchmark (`wmbench bench --agent`)", "",
              "Milliseconds per update, split by phase (medians), acting ms per env step (batch 1), peak "
              "memory of the cell, FLOPs of one update and the fraction of the dense matmul rate of the cell's "
-             "precision (fp32, or bf16 for a bf16 cell) measured on the same machine and threads. Records "
-             "made before `--precision` ran fp32.", ""]
+             "precision (fp32, or bf16 for a bf16 cell) measured on the same machine and threads. "
+             "× fp32 bound: the update's time over its FLOPs at the fp32 (sgemm) rate, the same yardstick "
+             "for every precision (records before it existed: -). Records made before `--precision` ran "
+             "fp32.", ""]
     for rec in records:
         c, env = rec["config"], rec["environment"]
         lines += [f"## size {c['size']}, {env['device_name']}, {env['torch_threads']} threads — {rec['created_at']}", "",
                   "| backbone | " + " | ".join(PHASE_NAMES.values()) + " | update | acting ms/step | peak MiB "
-                  "| GFLOP/update | % of matmul | rollout step | precision |",
-                  "|---|" + "---:|" * (len(PHASE_NAMES) + 5) + "---|---|"]
+                  "| GFLOP/update | % of matmul | × fp32 bound | rollout step | precision |",
+                  "|---|" + "---:|" * (len(PHASE_NAMES) + 6) + "---|---|"]
         for b, cell in rec["metrics"]["cells"].items():
             if "error" in cell:
-                lines.append(f"| {b} | {cell['error']} |" + " |" * (len(PHASE_NAMES) + 6))
+                lines.append(f"| {b} | {cell['error']} |" + " |" * (len(PHASE_NAMES) + 7))
                 continue
             phases = " | ".join(f"{_v(cell, k):,.0f}" for k in PHASE_NAMES)
             lines.append(f"| {b} | {phases} | {_v(cell, 'update'):,.0f} | {_v(cell, 'acting'):.1f} "
                          f"| {_v(cell, 'peak_memory') / 2**20:,.0f} | {_v(cell, 'update_flops') / 1e9:,.1f} "
-                         f"| {100 * _v(cell, 'fraction_of_matmul_peak'):.0f}% | {_step_kind(cell)} "
+                         f"| {100 * _v(cell, 'fraction_of_matmul_peak'):.0f}% | {_x_fp32(cell)} | {_step_kind(cell)} "
                          f"| {cell.get('precision', {}).get('value', 'fp32')} |")
         lines.append("")
     return "\n".join(lines)
