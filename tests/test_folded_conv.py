@@ -44,6 +44,27 @@ def test_folded_encoder_and_decoder_equal_plain_modules(preset, monkeypatch):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)
 
 
+def test_every_silu_overwrites_a_tensor_made_here(monkeypatch):
+    """SiLU after a folded conv runs in place on the conv's fresh output (it once made a new 16 x 64 x 64
+    tensor per frame at XS); only a SiLU straight on the caller's input may not."""
+    cfg = get_preset("tiny")
+    enc = Encoder(cfg)
+    dec = Decoder(cfg, enc.out_shape)
+    _trained_looking(enc, dec)
+    calls, silu = [], folded_conv.F.silu
+    monkeypatch.setattr(folded_conv.F, "silu", lambda x, inplace=False: calls.append(inplace) or silu(x, inplace))
+    res = cfg.image_size // cfg.obs_pool
+    with torch.no_grad():
+        enc(torch.rand(2, cfg.image_channels, res, res))
+        dec(torch.randn(2, cfg.latent_dim))
+    assert len(calls) == 2 * len(cfg.enc_filters) and all(calls)
+    calls.clear()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        out = folded_conv.run_folded(nn.Sequential(nn.SiLU()), x)
+    assert calls == [False] and not torch.equal(out, x)
+
+
 def test_folded_path_serves_only_eval_without_autograd():
     cfg = get_preset("tiny")
     enc = Encoder(cfg)

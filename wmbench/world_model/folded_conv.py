@@ -56,7 +56,7 @@ def run_folded(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             if i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d):
                 x = _conv(m, x, *folded_params(m, mods[i + 1]))
-                i += 2
+                i, own = i + 2, True
                 continue
             x = _conv(m, x, m.weight, m.bias)
         elif isinstance(m, nn.SiLU):
