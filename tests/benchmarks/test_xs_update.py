@@ -1,6 +1,7 @@
 """The paper's XS update on this machine: time against the FLOP bound, and peak memory (pytest-benchmark;
 not in the default run). Each benchmark's extra_info holds the FLOPs, the matmul rate measured here, the
-time over the FLOP-bound time (FLOPs / matmul rate) and the process's peak RSS (run `-k lean` and `-k plain`
+time over the FLOP-bound time (FLOPs / matmul rate; over_fp32_flop_bound: at the fp32 rate whatever the
+precision) and the process's peak RSS (run `-k lean` and `-k plain`
 separately for each one's own peak: freed memory stays in the process).
 
     pytest tests/benchmarks --benchmark-only -k xs --benchmark-columns=median,rounds
@@ -32,7 +33,8 @@ def xs(request):
     m = get_preset("XS", backbone="mamba2", amp=bf16)
     wm, ac = WorldModel(m, N_ACTIONS), ActorCritic(m, N_ACTIONS)
     batch, ctx = random_batches(m, (m.image_size, m.image_size, m.image_channels), N_ACTIONS, 1.0)
-    return wm, ac, batch, ctx, matmul_throughput("cpu", torch.bfloat16 if bf16 else torch.float32)
+    fp32_rate = matmul_throughput("cpu", torch.float32)
+    return wm, ac, batch, ctx, (matmul_throughput("cpu", torch.bfloat16) if bf16 else fp32_rate, fp32_rate)
 
 
 def _flops(fn) -> int:
@@ -43,11 +45,14 @@ def _flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-def _run(benchmark, fn, rate: float, flops: int):
+def _run(benchmark, fn, rates: tuple[float, float], flops: int):
+    """rates: the matmul rate of the run's precision, and fp32's (the same yardstick for both precisions)."""
+    rate, fp32_rate = rates
     with PeakMemory("cpu") as mem:
         benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(flops=flops, matmul_flops_per_s=rate, over_flop_bound=t / (flops / rate),
+                                over_fp32_flop_bound=t / (flops / fp32_rate),
                                 peak_rss_gb=getattr(mem, "peak_total_bytes", mem.peak_bytes) / 1e9,
                                 threads=torch.get_num_threads(), malloc=allocator.active())
 
