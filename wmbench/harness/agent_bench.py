@@ -230,7 +230,7 @@ def run_agent_bench(cfg: AgentBenchConfig, runs_dir="results/runs", progress: bo
     check_agent_bench_config(cfg)
     results = {}
     # the dense matmul rates, before and after the cells: on a shared host one measurement can read 30%
-    # low (133-197 GFLOP/s fp32 on one 2-core EPYC), which would flatter every ratio to it
+    # low (98-202 GFLOP/s fp32 within an hour on one 2-core EPYC), which would flatter every ratio to it
     dtypes = (torch.float32,) if cfg.precision == "fp32" else (torch.float32, torch.bfloat16)
     rates = {dt: [matmul_peak(cfg.device, dt, cfg.threads)] for dt in dtypes}
     bar = tqdm(total=len(cfg.backbones) * ticks_per_cell(cfg), desc="bench --agent", disable=not progress,
