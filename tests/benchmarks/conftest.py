@@ -1,5 +1,6 @@
 """Benchmarks measure the machine, so they use all its cores (tests/conftest.py pins tests to one)."""
 import os
+import sys
 
 import torch
 
@@ -9,8 +10,6 @@ torch.set_num_threads(int(os.environ.get("WMBENCH_BENCH_THREADS", os.cpu_count()
 # benchmarks are to run, pytest restarts itself once with tcmalloc preloaded where it is installed (a
 # pytest process on glibc's heap page-faults on large fresh tensors: one conv's input gradient at XS
 # took 387 ms there against 94 ms under tcmalloc)
-import sys  # noqa: E402
-
 from wmbench.core import allocator  # noqa: E402
 
 allocator.configure()

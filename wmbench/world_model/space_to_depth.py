@@ -51,9 +51,9 @@ def usable(conv: nn.Module, x: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _weight_index(c_out: int, c_in: int, k: int) -> torch.Tensor:
+def _weight_index(c_out: int, c_in: int, k: int, device: torch.device) -> torch.Tensor:
     """For each entry of W' (4·c_out, 4·c_in, K, K), its index into W.flatten() with one zero appended
-    (index c_out·c_in·k·k: a tap outside the kernel)."""
+    (index c_out·c_in·k·k: a tap outside the kernel); built once per shape and device, not per forward."""
     p = k // 2
     lo = -((p + 1) // 2)                    # the lowest block offset a tap reaches
     K = 2 * (-lo) + 1                       # block kernel: 3 for k = 3 or 5, 5 for k = 7 or 9
@@ -64,7 +64,7 @@ def _weight_index(c_out: int, c_in: int, k: int) -> torch.Tensor:
     inside = (a >= 0) & (a < k) & (b >= 0) & (b < k)
     idx = torch.where(inside, ((o * c_in + c) * k + a.clamp(0, k - 1)) * k + b.clamp(0, k - 1), c_out * c_in * k * k)
     # (o, c, q, p, u, v) -> (q·c_out + o, p·c_in + c, u, v)
-    return idx.permute(2, 0, 3, 1, 4, 5).reshape(4 * c_out, 4 * c_in, K, K).contiguous()
+    return idx.permute(2, 0, 3, 1, 4, 5).reshape(4 * c_out, 4 * c_in, K, K).contiguous().to(device)
 
 
 def _unshuffle(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def conv_forward(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: t
     (flipped taps, channels swapped)."""
     w = weight.flip(2, 3).transpose(0, 1) if isinstance(conv, nn.ConvTranspose2d) else weight   # (O, C, k, k)
     c_out, c_in, k = w.shape[0], w.shape[1], w.shape[2]
-    idx = _weight_index(c_out, c_in, k).to(w.device)
+    idx = _weight_index(c_out, c_in, k, w.device)
     w2 = torch.cat([w.reshape(-1), w.new_zeros(1)])[idx]                     # (4·O, 4·C, K, K)
     w2 = w2.contiguous(memory_format=torch.channels_last)
     b2 = bias.repeat(4) if bias is not None else None                        # phase-major: q·O + o
