@@ -1,5 +1,6 @@
 """Actor-critic: λ-returns by hand, percentile return normalisation, acting, the slow critic, and a
 one-step bandit in imagination that the actor must learn."""
+import copy
 import math
 
 import pytest
@@ -74,6 +75,48 @@ def test_update_learns_a_bandit_and_moves_slow_critic():
     probe = torch.randn(256, cfg.state_dim)
     assert (ag.act(probe) == 0).float().mean() > 0.8     # started near 1/3
     assert ag.value(probe).mean() > 0.5                  # returns are > 1 per state
+
+
+@pytest.mark.parametrize("critic_target", ["dreamerv3", "storm"])
+def test_update_matches_the_losses_written_out(critic_target):
+    """The update's losses and gradient norm against the module docstring's equations, computed with a
+    separate critic pass for every value (the update shares one pass between returns and loss)."""
+    torch.manual_seed(1)
+    cfg = get_preset("tiny", critic_target=critic_target, entropy=3e-4)
+    ag = Agent(cfg, 3)
+    with torch.no_grad():                            # values that differ from state to state (init: v = 0)
+        for p in [*ag.critic.parameters(), *ag.slow_critic.parameters()]:
+            p.normal_(0.0, 0.3)
+    ag.update(bandit_rollout(ag, cfg))               # moves the return-scale EMAs off 0
+    im = bandit_rollout(ag, cfg)
+    ref = copy.deepcopy(ag)
+    out = ag.update(im)
+
+    s = torch.cat([im.z, im.h], -1)
+    r, c = im.rewards, 1.0 - im.terminations.float()
+    with torch.no_grad():
+        v = ref.value(s)
+        R = lambda_return(r, c, v, cfg.gamma, cfg.lam, cfg.lambda_return)
+        v_slow = ref.value(s, slow=True)
+        target = v_slow[:, :-1] if critic_target == "dreamerv3" else lambda_return(
+            r, c, v_slow, cfg.gamma, cfg.lam, cfg.lambda_return)
+        lo = ref.return_norm.decay * ref.return_norm.lo + (1 - ref.return_norm.decay) * torch.quantile(R, 0.05)
+        hi = ref.return_norm.decay * ref.return_norm.hi + (1 - ref.return_norm.decay) * torch.quantile(R, 0.95)
+        scale = torch.clamp(hi - lo, min=1.0)
+    logp = ref.logprobs(s[:, :-1])
+    logp_a = logp.gather(-1, im.actions.long().unsqueeze(-1)).squeeze(-1)
+    policy = -(logp_a * (R - v[:, :-1]) / scale).mean()
+    entropy = -(logp.exp() * logp).sum(-1).mean()
+    critic = ref.critic(s[:, :-1])
+    value = ref.twohot.loss(critic, R) + ref.twohot.loss(critic, target)
+    loss = policy - cfg.entropy * entropy + value
+    loss.backward()
+    grads = [p.grad for p in [*ref.actor.parameters(), *ref.critic.parameters()]]
+    gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    for key, want in [("ac_loss", loss), ("policy_loss", policy), ("value_loss", value),
+                      ("entropy", entropy), ("return_scale", scale), ("value_mean", v.mean()),
+                      ("ac_grad_norm", gnorm)]:
+        assert out[key] == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6), key
 
 
 def test_non_finite_agent_loss_raises():
