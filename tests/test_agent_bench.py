@@ -62,6 +62,41 @@ def test_report_table_and_plot(record):
     assert "| gru |" in text and "| mamba2 |" in text and "imagination: rollout" in text
 
 
+def test_plot_draws_the_newest_cell_per_bar_and_a_panel_per_size(tmp_path):
+    """Many records of one configuration once piled into one bar (matplotlib merges equal category
+    labels) and the cpu size's milliseconds vanished under XS's seconds."""
+    from PIL import Image
+
+    from wmbench.report.agent_bench import agent_bench_plot, latest_cells
+
+    def cell(update_ms, precision="bf16", compiled=True):
+        phases = {"wm_update": update_ms * 0.5, "imagine_context": update_ms * 0.2,
+                  "imagine_rollout": update_ms * 0.2, "ac_update": update_ms * 0.1}
+        return {**{k: {"value": v} for k, v in phases.items()}, "update": {"value": update_ms},
+                "precision": {"value": precision}, "compiled": {"value": compiled}}
+
+    def rec(size, when, cells, machine="AMD EPYC"):
+        return {"config": {"size": size}, "created_at": when, "metrics": {"cells": cells},
+                "environment": {"device_name": machine, "torch_threads": 2}}
+
+    records = [rec("XS", "2026-12-01T08:00:00", {"mamba2": cell(25000, "fp32", False)}),
+               rec("XS", "2026-12-01T23:51:00", {"mamba2": cell(9000)}),
+               rec("XS", "2026-12-01T10:00:00", {"mamba2": cell(14000)}),       # older than 23:51: not drawn
+               rec("cpu", "2026-12-01T23:57:00", {"gru": cell(250), "mamba2": {"error": "boom"}}),
+               rec("XS", "2026-12-01T12:00:00", {"mamba2": cell(9500)}, machine="Intel Xeon")]
+    panels = latest_cells(records)
+    assert list(panels) == [("XS", "AMD EPYC", 2), ("XS", "Intel Xeon", 2), ("cpu", "AMD EPYC", 2)]
+    xs = panels[("XS", "AMD EPYC", 2)]
+    assert [c["update"]["value"] for c in xs.values()] == [9000, 25000]
+    assert list(xs)[0].startswith("mamba2\nbf16, compiled\n2026-12-01 23:51")
+    assert list(panels[("cpu", "AMD EPYC", 2)]) == ["gru\nbf16, compiled\n2026-12-01 23:57"]   # errors skipped
+    out = agent_bench_plot(records, tmp_path / "p.png")
+    w, h = Image.open(out).size
+    assert w > h > 100
+    with pytest.raises(ValueError, match="no agent-bench cell"):
+        agent_bench_plot([rec("XS", "2026-12-01T08:00:00", {"gru": {"error": "x"}})], tmp_path / "q.png")
+
+
 def test_forced_compile_is_measured_and_recorded(tmp_path):
     from wmbench.world_model.model import cxx_compiler
     if cxx_compiler() is None:

@@ -48,8 +48,29 @@ def agent_bench_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def latest_cells(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The bars the plot draws: per panel (size, machine, threads), per bar (backbone, precision, rollout
+    step), the cell of the newest record that has it. Older records stay in the table; a bar shows what
+    the code measured last, not a pile of every run."""
+    panels: dict[tuple, dict[str, tuple[str, dict]]] = {}
+    for rec in records:
+        c, env = rec["config"], rec["environment"]
+        panel = (str(c["size"]), str(env.get("device_name", "?")), int(env.get("torch_threads", 0)))
+        for b, cell in rec["metrics"]["cells"].items():
+            if "error" in cell:
+                continue
+            bar = f"{b}\n{cell.get('precision', {}).get('value', 'fp32')}, {_step_kind(cell)}"
+            seen = panels.setdefault(panel, {}).get(bar)
+            if seen is None or str(rec["created_at"]) >= seen[0]:
+                panels[panel][bar] = (str(rec["created_at"]), cell)
+    # the record's date under each bar: a bar from an older record measured older code
+    return {k: {f"{bar}\n{when[:16].replace('T', ' ')}": cell for bar, (when, cell) in sorted(v.items())}
+            for k, v in sorted(panels.items())}
+
+
 def agent_bench_plot(records: list[dict], path: Path) -> Path:
-    """Stacked bars: ms per update by phase, one bar per (record, backbone)."""
+    """Stacked bars of time per update by phase: one panel per size and machine (each on its own scale:
+    XS takes seconds, the cpu size milliseconds), one bar per backbone and precision, newest record."""
     import io
 
     import matplotlib
@@ -57,21 +78,27 @@ def agent_bench_plot(records: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from wmbench.core.records import atomic_write_bytes
-    labels, stacks = [], {k: [] for k in PHASE_NAMES}
-    for rec in records:
-        for b, cell in rec["metrics"]["cells"].items():
-            if "error" in cell:
-                continue
-            labels.append(f"{b}\n{rec['config']['size']}")
-            for k in PHASE_NAMES:
-                stacks[k].append(_v(cell, k))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels)), 4.5))
-    bottom = [0.0] * len(labels)
-    for k, name in PHASE_NAMES.items():
-        ax.bar(labels, stacks[k], bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, stacks[k])]
-    ax.set(ylabel="ms per update", title="Drama agent update by phase")
-    ax.legend(fontsize=8)
+    panels = latest_cells(records)
+    if not panels:
+        raise ValueError("no agent-bench cell without an error to plot")
+    widths = [max(2.5, 1.3 * len(bars)) for bars in panels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1.0, 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, ((size, machine, threads), bars) in zip(axes[0], panels.items()):
+        cells = list(bars.values())
+        seconds = max(_v(c, "update") for c in cells) >= 2000.0
+        scale, unit = (1e-3, "s") if seconds else (1.0, "ms")
+        x = list(range(len(bars)))
+        bottom = [0.0] * len(bars)
+        for k, name in PHASE_NAMES.items():
+            h = [scale * _v(c, k) for c in cells]
+            ax.bar(x, h, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, h)]
+        ax.set_xticks(x, list(bars), fontsize=8)
+        ax.set(ylabel=f"{unit} per update", title=f"size {size}: {machine}, {threads} threads")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Drama agent update by phase (wmbench bench --agent, newest record per bar)")
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -282,7 +282,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
 
     from wmbench.core.errors import UserError
     from wmbench.core.paths import writable_dir
-    from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot
+    from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot, latest_cells
     # matplotlib's font fallback notes ("findfont: ... not found") are noise here; our messages are ours
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from wmbench.report.atari import atari_markdown, learning_curves
@@ -324,7 +324,8 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
         written.append(atomic_write_text(out / "tables" / "bench.md", bench_markdown(by_kind["bench"])))
     if by_kind["agent-bench"]:
         written.append(atomic_write_text(out / "tables" / "agent_bench.md", agent_bench_markdown(by_kind["agent-bench"])))
-        written.append(agent_bench_plot(by_kind["agent-bench"], out / "plots" / "agent_bench_phases.png"))
+        if latest_cells(by_kind["agent-bench"]):   # every cell failed: the table says why, no plot
+            written.append(agent_bench_plot(by_kind["agent-bench"], out / "plots" / "agent_bench_phases.png"))
     if by_kind["peer-bench"]:
         written.append(atomic_write_text(out / "tables" / "peers.md", peers_markdown(by_kind["peer-bench"])))
     if by_kind["atari"]:
