@@ -28,8 +28,8 @@ def agent_bench_markdown(records: list[dict]) -> str:
              "precision (fp32, or bf16 for a bf16 cell) measured on the same machine and threads. "
              "× fp32 bound: the update's time over its FLOPs at the fp32 (sgemm) rate, the same yardstick "
              "for every precision (records before it existed: -). Records made before `--precision` ran "
-             "fp32.", ""]
-    for rec in records:
+             "fp32. Newest record first.", ""]
+    for rec in sorted(records, key=lambda r: str(r["created_at"]), reverse=True):
         c, env = rec["config"], rec["environment"]
         lines += [f"## size {c['size']}, {env['device_name']}, {env['torch_threads']} threads — {rec['created_at']}", "",
                   "| backbone | " + " | ".join(PHASE_NAMES.values()) + " | update | acting ms/step | peak MiB "
