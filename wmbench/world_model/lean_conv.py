@@ -8,7 +8,8 @@ the encoder and as much in the decoder (6.37 GB saved in all, measured; 2.58 GB 
 the XS agent's peak with a full replay buffer 5.9 GB).
 
 `bn_silu_conv` keeps only the conv output c (and BatchNorm's per-channel mean and 1/std). The backward
-pass recomputes BN(c) and SiLU from it (two element-wise passes, no matmul) and then calls the very
+pass recomputes BN(c) (BatchNorm's inference kernel, from the forward's batch statistics) and SiLU from
+it (two element-wise passes, no matmul) and then calls the very
 kernels autograd would have called: `convolution_backward`, `silu_backward`,
 `native_batch_norm_backward`. The forward pass is the same ATen calls as the nn.Modules', so losses,
 parameters and running statistics are bit-identical to the plain stack, and the gradients are equal
