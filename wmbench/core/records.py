@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from wmbench.core import allocator
-from wmbench.core.paths import tmp_prefix
+from wmbench.core.paths import remove_orphans, tmp_prefix
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
@@ -145,7 +145,25 @@ def write_record(record: dict, runs_dir: str | os.PathLike = "results/runs", nam
         name = f"{record.get('kind', 'run')}-{stamp}-{os.getpid()}"
     path = Path(runs_dir) / f"{name}.json"
     text = json.dumps(record, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    remove_orphans(path.parent)     # temp records of writers killed mid-write: their run re-publishes
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+RECEIPT_ENV = "WMBENCH_RECEIPT"
+
+
+def note_record(path: str | os.PathLike) -> None:
+    """Tell whoever started this command (a sweep, through $WMBENCH_RECEIPT) that the record `path` is
+    in its --runs-dir: one JSON line per record, appended. The sweep marks a run done only on a receipt
+    whose records exist, so an exit status of 0 alone never counts as a finished run."""
+    receipt = os.environ.get(RECEIPT_ENV)
+    if not receipt:
+        return
+    line = json.dumps({"record": str(Path(path).absolute())}) + "\n"
+    with open(receipt, "a") as f:        # one short write: atomic for O_APPEND
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class RecordNotSaved(OSError):
@@ -170,9 +188,12 @@ def save_record(record: dict, runs_dir: str | os.PathLike, name: str, fallbacks:
     record in each fallback folder in turn, then the system temp folder: a finished result is never lost.
     Raises RecordNotSaved (naming where it went) when the record is not in `runs_dir`."""
     try:
-        return write_record(record, runs_dir, name=name)
+        path = write_record(record, runs_dir, name=name)
     except OSError as e:
         first = f"could not write the record to {runs_dir} ({e.strerror or e})"
+    else:
+        note_record(path)
+        return path
     for folder in (*fallbacks, Path(tempfile.gettempdir()) / "wmbench-records"):
         try:
             path = write_record(record, folder, name=name)
