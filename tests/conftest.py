@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -34,6 +35,11 @@ def seed_everything(seed: int = 0) -> None:
 def pytest_runtest_setup(item):
     # a hook rather than an autouse fixture: hypothesis rejects function-scoped fixtures in @given tests
     seed_everything(0)
+    # each test measures its automatic choices afresh (wmbench/core/choices.py), never the user's cache
+    os.environ["WMBENCH_CACHE_DIR"] = os.path.join(_CACHE_ROOT, item.nodeid.replace("/", "_")[-200:])
+
+
+_CACHE_ROOT = tempfile.mkdtemp(prefix="wmbench-test-cache-")
 
 
 # --------------------------------------------------------------------------------------------

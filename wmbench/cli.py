@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from wmbench.core import allocator
+from wmbench.core import allocator, argtypes
 
 
 def _csv(kind):
@@ -54,11 +54,11 @@ def _add_bench(sub):
     p.add_argument("--layers", type=int, default=2, help="backbone layers")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 parameters")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per cell (0: torch's default)")
+    p.add_argument("--threads", type=argtypes.threads, default=0, help="torch CPU threads per cell (0: torch's default)")
     p.add_argument("--iters", type=int, default=3, help="timed fwd+bwd calls per cell")
     p.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd calls first")
     p.add_argument("--contexts", type=_csv(int), default=_default([8, 208, 1664]), help="step-latency contexts")
-    p.add_argument("--runs-dir", default="results/runs", help="where the record goes")
+    p.add_argument("--runs-dir", type=argtypes.path, default="results/runs", help="where the record goes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the options and folders, print the config, stop")
     p.add_argument("--agent", action="store_true",
@@ -221,34 +221,34 @@ def _add_run(sub):
                    help="with --task gridworld: what the frames show: full (everything), goal_once (the goal only "
                         "where it appears) or agent_once (the agent only where it appears); see README")
     p.add_argument("--game", help="with --task atari: the Atari game (wmbench list)")
-    p.add_argument("--data-steps", dest="data_steps", type=int,
+    p.add_argument("--data-steps", dest="data_steps", type=argtypes.count,
                    help="with --task atari: env steps in the offline dataset (default: the preset's)")
-    p.add_argument("--data-seed", dest="data_seed", type=int, default=0,
+    p.add_argument("--data-seed", dest="data_seed", type=argtypes.seed, default=0,
                    help="with --task atari: seed of the dataset's env and policy (every backbone and training seed "
                         "shares it)")
-    p.add_argument("--policy", help="with --task atari: an agent's run dir whose checkpoint plays the dataset "
+    p.add_argument("--policy", type=argtypes.path, help="with --task atari: an agent's run dir whose checkpoint plays the dataset "
                                     "(default: a uniformly random policy)")
-    p.add_argument("--data-dir", dest="data_dir",
+    p.add_argument("--data-dir", dest="data_dir", type=argtypes.path,
                    help="with --task atari: the dataset cache (default: $WMBENCH_DATA or ~/.cache/wmbench/datasets)")
-    p.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated seeds, each run once")
+    p.add_argument("--seeds", type=argtypes.seeds, default=[0], help="comma-separated seeds, each run once")
     p.add_argument("--preset", default="cpu", help="configuration preset (see `wmbench list`)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
-    p.add_argument("--batch", dest="batch_size", type=int, help="sequences per step (default: automatic)")
-    p.add_argument("--d-model", dest="d_model", type=int, help="model width (default: the preset's)")
-    p.add_argument("--layers", dest="n_layers", type=int, help="backbone layers (default: the preset's)")
+    p.add_argument("--steps", type=argtypes.count, help="optimiser steps (default: the preset's)")
+    p.add_argument("--batch", dest="batch_size", type=argtypes.count, help="sequences per step (default: automatic)")
+    p.add_argument("--d-model", dest="d_model", type=argtypes.count, help="model width (default: the preset's)")
+    p.add_argument("--layers", dest="n_layers", type=argtypes.count, help="backbone layers (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, per backbone)")
-    p.add_argument("--eval-sequences", dest="eval_sequences", type=int,
+    p.add_argument("--eval-sequences", dest="eval_sequences", type=argtypes.count,
                    help="held-out sequences scored (default: the preset's)")
-    p.add_argument("--tokens-per-step", dest="tokens_per_step", type=int,
+    p.add_argument("--tokens-per-step", dest="tokens_per_step", type=argtypes.count,
                    help="token budget of the automatic batch (batch = tokens_per_step // len)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast (default: the preset's, fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the preset's)")
-    p.add_argument("--runs-dir", default="results/runs", help="where the run records go")
+    p.add_argument("--threads", type=argtypes.threads, help="torch CPU threads (0: torch's default; default: the preset's)")
+    p.add_argument("--runs-dir", type=argtypes.path, default="results/runs", help="where the run records go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="run a seed again even if its record exists")
     p.add_argument("--check", action="store_true", help="validate the options and folders, print the configs, stop")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, validate=_check_run_args)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -256,44 +256,58 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
 
 
-def _cmd_run(a) -> int:
-    import json
-
-    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import make_record, save_record_and_say
-    from wmbench.harness.gridworld import (check_config, check_memory, make_config, summary_lines,
-                                           train_and_evaluate)
+def _check_run_args(a):
+    """Everything `wmbench run` refuses before it starts, without writing: the real run, `--check` and a
+    sweep's check of each run call exactly this. Returns the per-seed configs (and, for --task atari,
+    the dataset's policy and key)."""
+    from wmbench.core.paths import probe_dir
+    from wmbench.harness.gridworld import check_config, check_memory, make_config
 
     if a.task == "atari":
         for flag, v in (("--grid", a.grid_size), ("--variant", a.variant)):
             if _given(v):
                 raise ValueError(f"{flag} applies to --task gridworld only")
         _check_seeds(a.seeds)
-        from wmbench.harness.wm_atari_cli import run_atari_cells
-        return run_atari_cells(a, seq_len_given=_given(a.seq_len))
-    if a.task != "gridworld":
-        import wmbench
-        wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
-        raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld, atari")
-    _check_seeds(a.seeds)
-    if a.device is not None:
-        from wmbench.core.device import resolve_device
-        a.device = str(resolve_device(a.device))     # auto -> cpu / cuda
-    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
-                                            "eval_sequences", "dtype", "device", "threads", "tokens_per_step")}
-    cfgs = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s,
-                        grid_size=int(a.grid_size), variant=str(a.variant), **overrides)
-            for s in a.seeds]
-    for cfg in cfgs:                       # every seed's config is valid before any work starts
-        check_config(cfg)
-        _check_sizes([cfg.backbone], cfg.d_model, cfg.n_layers, **cfg.backbone_options)
-        check_memory(cfg)
+        from wmbench.harness.wm_atari_cli import check_atari_cells
+        checked = check_atari_cells(a, seq_len_given=_given(a.seq_len))
+    else:
+        if a.task != "gridworld":
+            import wmbench
+            wmbench.get_task(a.task)  # unknown task -> error naming the valid ones
+            raise ValueError(f"task {a.task!r} has no `wmbench run` harness; valid choices: gridworld, atari")
+        _check_seeds(a.seeds)
+        if a.device is not None:
+            from wmbench.core.device import resolve_device
+            a.device = str(resolve_device(a.device))     # auto -> cpu / cuda
+        overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "d_model", "n_layers", "lr",
+                                                "eval_sequences", "dtype", "device", "threads", "tokens_per_step")}
+        checked = [make_config(a.preset, backbone=a.backbone, task=a.task, seq_len=a.seq_len, seed=s,
+                               grid_size=int(a.grid_size), variant=str(a.variant), **overrides)
+                   for s in a.seeds]
+        for cfg in checked:                    # every seed's config is valid before any work starts
+            check_config(cfg)
+            _check_sizes([cfg.backbone], cfg.d_model, cfg.n_layers, **cfg.backbone_options)
+            check_memory(cfg)
+    probe_dir(a.runs_dir, "--runs-dir")
+    return checked
+
+
+def _cmd_run(a) -> int:
+    import json
+
+    from wmbench.core.paths import writable_dir
+    from wmbench.core.records import make_record, note_record, save_record_and_say
+    from wmbench.harness.gridworld import summary_lines, train_and_evaluate
+
+    checked = _check_run_args(a)
+    if a.task == "atari":
+        from wmbench.harness.wm_atari_cli import print_checked, run_atari_cells
+        return print_checked(checked) if a.check else run_atari_cells(a, checked)
+    cfgs = checked
     if a.check:
-        probe_dir(a.runs_dir, "--runs-dir")
         print(json.dumps([c.to_dict() for c in cfgs], indent=1))
         return 0
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
-    remove_orphans(runs_dir)
     failed = False
     existing = [] if a.force else _records_of(runs_dir, "gridworld")   # read once, not once per seed
     for r in existing:                     # records from before --grid / --variant ran the full 5x5 task
@@ -307,10 +321,16 @@ def _cmd_run(a) -> int:
         if done is not None:
             print(f"{cell}{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: already done (--force runs it again)")
             print(f"record: {done}")
+            note_record(done)
             continue
         status = "ok"
         try:
             metrics = train_and_evaluate(cfg, progress=not a.no_progress)
+        except FloatingPointError as e:    # diverged: this seed has no result; the others still run
+            print(f"error: {cell}{cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: {one_line(str(e))}; "
+                  "no record written", file=sys.stderr)
+            failed = True
+            continue
         except Exception as e:  # noqa: BLE001 - a real OOM is a result (the paper's Table 2 reports it)
             if not _is_oom(e):
                 raise
@@ -351,8 +371,8 @@ def _existing_record(records: list[dict], config: dict) -> str | None:
 def _add_report(sub):
     p = sub.add_parser("report", help="tables and plots from all run records",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--runs-dir", default="results/runs", help="the folder of run records")
-    p.add_argument("--out", default="results", help="writes OUT/tables and OUT/plots")
+    p.add_argument("--runs-dir", type=argtypes.path, default="results/runs", help="the folder of run records")
+    p.add_argument("--out", type=argtypes.path, default="results", help="writes OUT/tables and OUT/plots")
     p.add_argument("--machine", help="only records whose CPU/GPU name contains this (rows never mix machines)")
     p.add_argument("--strict", action="store_true",
                    help="an unusable record is an error (exit 2) instead of a warning line")
@@ -380,7 +400,7 @@ def _add_imagine(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--record", help="a `wmbench run --task atari` record (its saved world model and held-out data)")
     src.add_argument("--run-dir", dest="run_dir", help="an agent's run dir (`wmbench atari`): its newest checkpoint")
-    p.add_argument("--out", help="output path without extension (default: results/videos/imagine-<name>)")
+    p.add_argument("--out", type=argtypes.path, help="output path without extension (default: results/videos/imagine-<name>)")
     p.add_argument("--samples", type=int, default=4, help="windows, one row each")
     p.add_argument("--context", type=int, default=16, help="real frames prefilled before imagining")
     p.add_argument("--horizon", type=int, default=16, help="imagined steps shown")
@@ -411,7 +431,13 @@ def one_line(message: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's mistakes in the tool's format: one `error:` line naming the help to read, exit 2."""
+    """argparse's mistakes in the tool's format: one `error:` line naming the help to read, exit 2.
+    No prefix matching (argparse's default): `--backbon` must not silently mean `--backbone`, above
+    all in a sweep's `--grid backbon=...`. Subcommands are built with this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see `{self.prog} --help`)\n")

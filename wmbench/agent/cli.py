@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from wmbench.agent.config import RUN_PRESETS, TrainConfig, check_config, resolve_config
+from wmbench.core import argtypes
 
 
 def check_run(cfg: TrainConfig) -> None:
@@ -47,15 +48,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="replay sampler: dfs (default) or uniform")
     p.add_argument("--size", help="model size preset: auto (default: XS on CUDA, cpu on a CPU), XS, S, tiny, cpu")
     p.add_argument("--preset", help="run preset (size + schedule): " + ", ".join(RUN_PRESETS))
-    p.add_argument("--steps", type=int, help="env steps (default 100000)")
-    p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
-    p.add_argument("--run-dir", help="checkpoints, metrics and TensorBoard logs; resume: the same dir (default "
+    p.add_argument("--steps", type=argtypes.count, help="env steps (default 100000)")
+    p.add_argument("--seed", type=argtypes.seed, help="seed of everything random (default 0)")
+    p.add_argument("--run-dir", type=argtypes.path, help="checkpoints, metrics and TensorBoard logs; resume: the same dir (default "
                                      "runs/atari/GAME-BACKBONE-SAMPLER-SIZE-seedSEED)")
     p.add_argument("--protocol", help="Atari protocol: drama (default), dreamerv3, storm, iris")
     p.add_argument("--device", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 or all cores, whichever measures faster)")
+    p.add_argument("--threads", type=argtypes.threads, help="torch CPU threads (default: 1 or all cores, whichever measures faster)")
     p.add_argument("--train-ratio", type=float, help="updates per env step after warm-up (default 1)")
-    p.add_argument("--warmup", dest="warmup_steps", type=int, help="random-action steps before training (1032)")
+    p.add_argument("--warmup", dest="warmup_steps", type=argtypes.count0, help="random-action steps before training (1032)")
     p.add_argument("--replay-capacity", type=int, help="transitions kept in replay (default 100000)")
     p.add_argument("--dfs-mode", help="official (default: the code's DFS, which produced the paper's numbers) "
                                       "or literal (section 2.4 as printed)")
@@ -64,19 +65,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stale-reset-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="reproduce the official code's bug of storing the terminal frame in place of the next "
                         "episode's first frame (default: only with --faithful code)")
-    p.add_argument("--eval-every", type=int, help="env steps between in-training evaluations (default 10000; 0: none)")
-    p.add_argument("--eval-episodes", type=int, help="games per in-training evaluation (default 10)")
-    p.add_argument("--final-eval-episodes", type=int, help="games of the final evaluation (default 100)")
+    p.add_argument("--eval-every", type=argtypes.count0, help="env steps between in-training evaluations (default 10000; 0: none)")
+    p.add_argument("--eval-episodes", type=argtypes.count0, help="games per in-training evaluation (default 10)")
+    p.add_argument("--final-eval-episodes", type=argtypes.count0, help="games of the final evaluation (default 100)")
     p.add_argument("--eval-sampled", action="store_true", help="sample actions in evaluation (default greedy)")
-    p.add_argument("--checkpoint-every", type=int, help="env steps between checkpoints (2000)")
+    p.add_argument("--checkpoint-every", type=argtypes.count0, help="env steps between checkpoints (2000)")
     p.add_argument("--checkpoint-minutes", type=float,
                    help="also checkpoint after this many minutes of wall time (10; 0: off)")
-    p.add_argument("--log-every", type=int, help="env steps between metrics.jsonl train rows (default 100)")
+    p.add_argument("--log-every", type=argtypes.count, help="env steps between metrics.jsonl train rows (default 100)")
     p.add_argument("--set", dest="model_overrides", type=_kv, action="append", metavar="FIELD=VALUE",
                    help="override a model/agent hyper-parameter (wmbench.world_model.DramaConfig), repeatable")
     p.add_argument("--env-option", dest="env_options", type=_kv, action="append", metavar="KEY=VALUE",
                    help="protocol field or gridgoal option (e.g. episode_length=50), repeatable")
-    p.add_argument("--runs-dir", help="where the run record goes (default results/runs)")
+    p.add_argument("--runs-dir", type=argtypes.path, help="where the run record goes (default results/runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--precision", help="auto (default: bf16 autocast only where measured faster than fp32 "
                    "on this device), fp32 or bf16")
@@ -91,8 +92,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-estimate", action="store_true",
                    help="skip the wall-time estimate (on CPU it also picks the thread count; without it and "
                         "without --threads, torch's default count is used)")
-    p.set_defaults(func=main_atari)
+    p.set_defaults(func=main_atari, validate=check_args)
     return p
+
+
+def check_args(a: argparse.Namespace) -> TrainConfig:
+    """Everything the real run refuses before it starts, without writing: `--check`, and a sweep's check of
+    each run's command line, call exactly this."""
+    cfg = config_from_args(a)
+    if cfg.warmup_steps >= cfg.steps:
+        raise ValueError(f"--warmup {cfg.warmup_steps} must be below --steps {cfg.steps}: the run would end "
+                         "inside its random-action warm-up, train nothing, and score a random policy")
+    check_run(cfg)
+    return cfg
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -114,9 +126,8 @@ def main_atari(a: argparse.Namespace) -> int:
     from wmbench.agent.record import summary_lines
     from wmbench.agent.train import NonFiniteLossError, train
     from wmbench.core.records import RecordNotSaved
-    cfg = config_from_args(a)
+    cfg = check_args(a)
     if a.check:
-        check_run(cfg)
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
     try:

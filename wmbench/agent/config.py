@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from wmbench.core.device import check_threads
 from wmbench.core.device import resolve_device  # noqa: F401  (re-exported for the agent)
 
 
@@ -61,7 +62,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "device", "threads", "eval_every", "eval_episodes",
                                "eval_greedy", "final_eval_episodes", "eval_envs", "checkpoint_every",
                                "checkpoint_minutes", "log_every", "runs_dir", "preset",
-                               "auto_choices", "compile", "precision"})
+                               "auto_choices", "compile"})   # not precision: a run never changes it
 FAITHFUL = ("paper", "code")
 
 # Run presets: a model size plus a schedule sized for it. Explicit options override them.
@@ -103,6 +104,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 
     cfg = copy.deepcopy(cfg)
     cfg.game = canonical_game(cfg.game)
+    cfg.backbone = str(cfg.backbone).lower()     # the registry's names: `Mamba2` is the same run as `mamba2`
     if cfg.backbone not in list_backbones():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; valid choices: {', '.join(list_backbones())}")
     if cfg.sampler not in SAMPLERS:
@@ -130,6 +132,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     bad = sorted(set(cfg.env_options) - set(valid))
     if bad:
         raise ValueError(f"unknown env option(s) {', '.join(bad)} for {cfg.game}; valid: {', '.join(valid)}")
+    check_env_options(cfg)
     from wmbench.agent.replay import DFS_MODES
     if cfg.dfs_mode not in DFS_MODES:
         hint = " ('paper' is now called 'literal')" if cfg.dfs_mode == "paper" else ""
@@ -148,20 +151,21 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if cfg.precision != "auto":     # an explicit --precision is the run's amp choice
             choices.pop("amp")
         cfg.model_overrides = {**choices, **cfg.model_overrides}
-    for k in ("steps", "eval_envs", "log_every"):
-        if int(getattr(cfg, k)) < 1:
-            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("warmup_steps", "eval_every", "eval_episodes", "final_eval_episodes", "checkpoint_every",
-              "threads"):
-        if int(getattr(cfg, k)) < 0:
-            raise ValueError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k, lo, hi in COUNT_RANGES:
+        v = getattr(cfg, k)
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise ValueError(f"{k} must be an integer in [{lo:,}, {hi:,}], got {v!r}")
+    check_threads(cfg.threads, "threads")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     amp = cfg.model_overrides.get("amp")
     if cfg.precision != "auto" and amp is not None and bool(amp) != (cfg.precision == "bf16"):
         raise ValueError(f"--precision {cfg.precision} contradicts --set amp={amp}; give one of them")
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / "atari" / f"{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}")
     if cfg.precision == "auto":
-        cfg.precision, cfg.auto_choices["precision"] = resolve_precision(device, cfg.model_overrides)
+        cfg.precision, cfg.auto_choices["precision"] = (_first_start_precision(cfg.run_dir) or
+                                                        resolve_precision(device, cfg.model_overrides))
     if cfg.compile is None:
         cfg.compile, cfg.auto_choices["compile"] = resolve_compile(device, model_config(cfg))
     if not isinstance(cfg.compile, bool):
@@ -172,6 +176,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if not (cfg.train_ratio >= 0 and math.isfinite(cfg.train_ratio)):
         raise ValueError(f"train_ratio must be a finite number >= 0, got {cfg.train_ratio}")
     m = model_config(cfg)  # unknown / invalid model overrides raise here
+    check_backbone(m)
     need = max(m.batch_length, m.imag_context)
     if cfg.warmup_steps < need:
         raise ValueError(f"warmup_steps must be >= {need} (the longest replay window: batch_length "
@@ -184,9 +189,58 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.replay_capacity * frame > total:
         raise ValueError(f"replay_capacity {cfg.replay_capacity:,} needs {cfg.replay_capacity * frame / 2**30:.0f} GiB "
                          f"of frames, more than this machine's {total / 2**30:.0f} GiB of RAM")
-    if not cfg.run_dir:
-        cfg.run_dir = str(Path("runs") / "atari" / f"{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}")
     return cfg
+
+
+def _first_start_precision(run_dir: str) -> tuple[str, str] | None:
+    """A resumed run keeps the precision its first start chose automatically (config.json of the run dir,
+    else its newest checkpoint): one run never mixes precisions. None for a new run."""
+    from wmbench.agent import checkpoint as ckpt
+    from wmbench.core.readback import read_json_object
+    if not Path(run_dir).is_dir():
+        return None                   # a new run (or a path the folder checks refuse, with their message)
+    path = Path(run_dir) / "config.json"
+    saved = read_json_object(path, "run config").get("train") if path.exists() else None
+    if not isinstance(saved, dict):
+        saved = (ckpt.peek_meta(run_dir) or {}).get("config")
+    if isinstance(saved, dict) and saved.get("precision") in ("fp32", "bf16") \
+            and "precision" in (saved.get("auto_choices") or {}):
+        return saved["precision"], f"the choice of this run's first start, kept on resume ({run_dir})"
+    return None
+
+
+MAX_STEPS = 10**9          # 1,300 years of updates on a CPU; a typo, not a plan
+MAX_SEED = 2**31 - 1       # ALE and gymnasium seed with a signed 32-bit int; derived seeds stay below
+# (field, smallest, largest) of every integer option: a value outside is refused with the range
+COUNT_RANGES = (("steps", 1, MAX_STEPS), ("seed", 0, MAX_SEED), ("eval_envs", 1, 4096), ("log_every", 1, MAX_STEPS),
+                ("warmup_steps", 0, MAX_STEPS), ("eval_every", 0, MAX_STEPS), ("eval_episodes", 0, 10**6),
+                ("final_eval_episodes", 0, 10**6), ("checkpoint_every", 0, MAX_STEPS),
+                ("replay_capacity", 1, 10**12))   # the RAM check below names the real limit
+
+
+def check_env_options(cfg: TrainConfig) -> None:
+    """Build the environment's settings from `cfg.env_options` the way the run will (no emulator started),
+    so a bad value (episode_length=-5) fails here, before --check says the config is fine."""
+    from wmbench.tasks.atari import GRIDGOAL, get_protocol
+    try:
+        if cfg.game == GRIDGOAL:
+            from wmbench.tasks.gridgoal import GridGoalEnv
+            GridGoalEnv(seed=0, **cfg.env_options)
+        else:
+            dataclasses.replace(get_protocol(cfg.protocol), **cfg.env_options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--env-option: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_backbone(mcfg) -> None:
+    """Build the backbone on the meta device (no memory, no time): unknown `backbone_options` and
+    impossible sizes fail before any work."""
+    from wmbench.core.registry import create_backbone
+    try:
+        with torch.device("meta"):
+            create_backbone(mcfg.backbone, mcfg.d_model, mcfg.n_layers, **mcfg.backbone_kwargs())
+    except TypeError as e:
+        raise ValueError(f"backbone {mcfg.backbone!r} does not take these options ({e})") from None
 
 
 def resolve_size(device: torch.device) -> tuple[str, str]:
@@ -210,6 +264,11 @@ def resolve_precision(device: torch.device, overrides: dict) -> tuple[str, str]:
         return ("bf16" if overrides["amp"] else "fp32"), "set by --set amp (or --faithful code)"
     if not bf16_native(device):
         return "fp32", "no native bf16 on this device (bf16 would be emulated, slower than fp32)"
+    from wmbench.core.choices import cached
+    return tuple(cached("precision", device, lambda: _measure_precision(device)))
+
+
+def _measure_precision(device: torch.device) -> tuple[str, str]:
     speedup = bf16_speedup(device)
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", f"measured {speedup:.2f}x fp32's speed here (--precision fp32 to turn it off)"

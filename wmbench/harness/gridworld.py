@@ -167,6 +167,7 @@ def make_config(preset: str = "cpu", **overrides) -> RunConfig:
     backbone = str(overrides.get("backbone") or values.get("backbone", RunConfig.backbone)).lower()
     values.update(PRESETS[preset].get("backbone_config", {}).get(backbone, {}))
     values.update({k: v for k, v in overrides.items() if v is not None and k != "backbone_options"})
+    values["backbone"] = backbone         # the registry's name: `Mamba2` is the same run as `mamba2`
     values["backbone_options"] = dict(PRESETS[preset].get("backbone_options", {}).get(backbone, {}),
                                       **(overrides.get("backbone_options") or {}))
     return RunConfig(preset=preset, **values).resolved()

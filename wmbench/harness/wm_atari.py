@@ -97,6 +97,8 @@ def make_config(preset: str = "cpu", **overrides) -> AtariWMConfig:
         raise ValueError(f"unknown option(s) {', '.join(bad)} for --task atari")
     values = dict(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("backbone"), str):
+        values["backbone"] = values["backbone"].lower()   # the registry's name: `Mamba2` is `mamba2`
     cfg = AtariWMConfig(preset=preset, **values)
     if "ol_context" not in values and "ol_horizon" not in values and \
             isinstance(cfg.seq_len, int) and cfg.ol_context + cfg.ol_horizon > cfg.seq_len >= 2:

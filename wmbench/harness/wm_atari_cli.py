@@ -61,11 +61,9 @@ def _configs(a, seq_len_given: bool) -> list[AtariWMConfig]:
     return [make_config(a.preset, seed=s, **overrides) for s in seeds]
 
 
-def run_atari_cells(a, seq_len_given: bool) -> int:
-    """The `wmbench run --task atari` command: returns the exit status."""
-    from wmbench.core.paths import probe_dir, remove_orphans, writable_dir
-    from wmbench.core.records import existing_record, make_record, records_of, save_record_and_say
-    from wmbench.harness.atari_dataset import DatasetError, get_dataset
+def check_atari_cells(a, seq_len_given: bool) -> tuple:
+    """The `wmbench run --task atari` options checked, nothing written: (cell configs, the dataset's
+    policy or None for random play, the dataset key)."""
     if a.device is not None:
         from wmbench.core.device import resolve_device
         a.device = str(resolve_device(a.device))
@@ -73,19 +71,30 @@ def run_atari_cells(a, seq_len_given: bool) -> int:
     for cfg in cfgs:
         check_config(cfg)
     policy = CheckpointPolicy(cfgs[0].policy, cfgs[0].game, cfgs[0].protocol) if cfgs[0].policy != "random" else None
-    key = dataset_key(cfgs[0], policy.id if policy else "random")
-    if a.check:
-        probe_dir(a.runs_dir, "--runs-dir")
-        print(json.dumps({"dataset": key.as_dict(), "cells": [c.to_dict() for c in cfgs]}, indent=1))
-        return 0
+    return cfgs, policy, dataset_key(cfgs[0], policy.id if policy else "random")
+
+
+def print_checked(checked: tuple) -> int:
+    cfgs, _, key = checked
+    print(json.dumps({"dataset": key.as_dict(), "cells": [c.to_dict() for c in cfgs]}, indent=1))
+    return 0
+
+
+def run_atari_cells(a, checked: tuple) -> int:
+    """The `wmbench run --task atari` command after check_atari_cells: returns the exit status."""
+    from wmbench.core.paths import writable_dir
+    from wmbench.core.records import existing_record, make_record, note_record, records_of, save_record_and_say
+    from wmbench.harness.atari_dataset import DatasetError, get_dataset
+    cfgs, policy, key = checked
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
-    remove_orphans(runs_dir)
     existing = [] if a.force else records_of(runs_dir, "wm-atari")
     todo = [c for c in cfgs if existing_record(existing, _record_config(c, key)) is None]
     for c in cfgs:
         if c not in todo:
+            done = existing_record(existing, _record_config(c, key))
             print(f"{c.game} {c.backbone} L={c.seq_len} seed {c.seed}: already done (--force runs it again)")
-            print(f"record: {existing_record(existing, _record_config(c, key))}")
+            print(f"record: {done}")
+            note_record(done)
     if not todo:
         return 0
     try:
@@ -94,7 +103,14 @@ def run_atari_cells(a, seq_len_given: bool) -> int:
         raise ValueError(str(e)) from None
     failed = False
     for cfg in todo:
-        metrics, wm = train_and_evaluate(cfg, ds, progress=not a.no_progress)
+        try:
+            metrics, wm = train_and_evaluate(cfg, ds, progress=not a.no_progress)
+        except FloatingPointError as e:    # diverged: this seed has no result; the others still run
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: {cfg.game} {cfg.backbone} L={cfg.seq_len} seed {cfg.seed}: {msg}; no record written",
+                  file=sys.stderr)
+            failed = True
+            continue
         rec = make_record("wm-atari", _record_config(cfg, key), metrics,
                           extra={"dataset": {"path": str(ds.path), "n_steps": ds.manifest["n_steps"],
                                              "n_episodes": ds.manifest["n_episodes"],
