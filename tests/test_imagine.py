@@ -74,7 +74,7 @@ def test_video_from_an_agent_run_dir(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--record", "/nonexistent.json"], "unreadable"),
+    (["--record", "/nonexistent.json"], "--record /nonexistent.json does not exist"),
     (["--run-dir", "/nonexistent/run"], "no such run dir"),
     (["--record", "R", "--horizon", "0"], "--horizon must be"),
 ])

@@ -191,12 +191,15 @@ def write_dataset(cache: Path, key: DatasetKey, arrays: dict[str, np.ndarray]) -
 def verify(path: Path, key: DatasetKey) -> dict:
     """The manifest of the dataset folder `path` after checking every file; DatasetError (one line) if the
     folder is partial or corrupt."""
+    from wmbench.core.readback import read_json_object
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise DatasetError(f"dataset {path} is partial (no manifest.json)")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json_object(mpath, "manifest")
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"dataset {path} is corrupt: unreadable manifest.json ({type(e).__name__})") from None
     if manifest.get("key") != key.as_dict():

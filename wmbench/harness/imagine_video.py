@@ -15,7 +15,6 @@ and as an MP4 too when imageio with its ffmpeg plug-in is installed.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -148,12 +147,15 @@ def imagine_video(record: str | None, run_dir: str | None, out: str | None, samp
             raise ValueError(f"{name} must be >= {lo}, got {v}")
     length = context + horizon
     if record is not None:
-        try:
-            rec = json.loads(Path(record).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--record {record}: unreadable ({type(e).__name__})") from None
+        from wmbench.core.readback import read_json_object
+        from wmbench.core.records import validate_record
+        rec = read_json_object(record, "--record")
         if rec.get("kind") != "wm-atari":
             raise ValueError(f"--record {record} is a {rec.get('kind')!r} record, not a `wmbench run --task atari` one")
+        try:
+            validate_record(rec)
+        except ValueError as e:
+            raise ValueError(f"--record {record}: {e}") from None
         wm = _model_from_record(rec)
         obs, act = windows_from_record(rec, samples, length)
         name = Path(record).stem
