@@ -150,9 +150,13 @@ def test_dry_run_prints_the_commands_and_marks_done_runs(tmp_path, capsys):
     assert main(_sweep_argv(spec, tmp_path, "--dry-run", "--threads", "1")) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("wmbench run")]
     assert len(lines) == 4 and all("--threads 1" in l and "--seeds" in l for l in lines)
-    first = load_spec(str(spec)).expand()[0]
+    first, second = load_spec(str(spec)).expand()[:2]
+    from wmbench.core.records import make_record, write_record
+    record = write_record(make_record("gridworld", {}, {}), tmp_path / "records")
     (tmp_path / "state" / "done").mkdir(parents=True)
-    (tmp_path / "state" / "done" / f"{first.key}.json").write_text("{}")
+    (tmp_path / "state" / "done" / f"{first.key}.json").write_text(json.dumps({"key": first.key,
+                                                                               "records": [str(record)]}))
+    (tmp_path / "state" / "done" / f"{second.key}.json").write_text("{}")    # lists no record: not done
     main(_sweep_argv(spec, tmp_path, "--dry-run"))
     assert sum(l.endswith("# done") for l in capsys.readouterr().out.splitlines()) == 1
 

@@ -32,6 +32,9 @@ def add_parser(sub, build_parser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads per run (default: the spec's, else cores // workers for local)")
     p.add_argument("--retries", type=int, default=1, help="extra attempts for a run that fails")
+    p.add_argument("--grace-s", dest="grace_s", type=float, default=300.0,
+                   help="on SIGINT/SIGTERM: seconds the runs get to save a checkpoint and exit before they are "
+                        "killed (a second signal kills them at once)")
     p.add_argument("--runs-dir", default="results/runs", help="where the runs write their records")
     p.add_argument("--state-dir", help="the sweep's bookkeeping and logs (default runs/sweeps/NAME)")
     p.add_argument("--dry-run", action="store_true", help="print the commands (and the sbatch file), run nothing")
@@ -112,26 +115,27 @@ def cmd_sweep(a, build_parser) -> int:
              **{k: getattr(a, k) for k in ("partition", "time_min", "mem_gb") if getattr(a, k) is not None}}
 
     if a.dry_run:
-        done = {p.stem for p in (state / "done").glob("*.json")} if (state / "done").is_dir() else set()
         print(f"# sweep {spec.name} ({spec.source}): {len(runs)} runs, executor {name}, state {state}")
         for r in runs:
-            mark = "  # done" if r.key in done else ""
+            mark = "  # done" if driver.done_problem(r, state, runs_dir) is None else ""
             print("wmbench " + shlex.join(driver.run_argv(r, runs_dir, state, threads)) + mark)
         if name == "slurm":
             print("\n# the sbatch file of the job array (submitit):")
-            print(executors.sbatch_script(state / "submitit", slurm, len(runs)))
+            print(executors.sbatch_script(state / "submitit", slurm, len(runs), a.grace_s))
         return 0
 
     if name == "local":
         backend = executors.LocalBackend(workers)
     elif name == "slurm":
         backend = executors.SubmititBackend(state / "submitit", slurm,
-                                            cluster=None if a.cluster == "slurm" else a.cluster)
+                                            cluster=None if a.cluster == "slurm" else a.cluster, grace_s=a.grace_s)
     else:
         backend = executors.RayBackend(a.address or ex.get("address"), **res)
     runs_dir.mkdir(parents=True, exist_ok=True)
     out = driver.run_sweep(runs, backend, state, runs_dir, retries=a.retries, threads=threads,
-                           progress=not a.no_progress)
+                           progress=not a.no_progress, grace_s=a.grace_s)
     for line in driver.summary(out, len(runs), state):
         print(line)
+    if out.signal is not None:
+        return 128 + out.signal         # 130 for SIGINT, 143 for SIGTERM, as a shell reports a signal
     return 1 if (out.failed or out.busy) else 0
