@@ -13,8 +13,8 @@ Layout under a run directory:
 
 Atomicity: a checkpoint is written into a hidden temporary folder, fsynced, renamed to its final
 name, and only then is `latest` replaced (temp file + rename). A crash at any point leaves the
-previous checkpoint and `latest` as they were. Older checkpoints beyond `keep` are removed after
-`latest` moved on.
+previous checkpoint and `latest` as they were; so does a failed write (disk full), which also removes
+what it had written. Older checkpoints beyond `keep` are removed after `latest` moved on.
 
 Loading checks the manifest (sizes and sha256) before parsing anything, so a truncated or bit-flipped
 checkpoint is refused with one line (`CheckpointError`, a `UserError`) and nothing is overwritten.
@@ -36,6 +36,7 @@ import torch
 
 from wmbench.core.errors import UserError
 from wmbench.core.paths import remove_orphans, tmp_prefix
+from wmbench.core.readback import loads
 from wmbench.core.records import atomic_write_text
 
 CKPT_DIR = "checkpoints"
@@ -46,6 +47,10 @@ FORMAT_VERSION = 1
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be trusted (missing, truncated, corrupt, foreign)."""
+
+
+class CheckpointNotSaved(OSError):
+    """A checkpoint that could not be written (disk full): the message names it and the one kept."""
 
 
 @dataclass
@@ -89,13 +94,17 @@ def ckpt_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CKPT_DIR
 
 
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The folder of the checkpoint at env step `step`."""
+    return ckpt_root(run_dir) / f"step_{int(step):09d}"
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, arrays: dict[str, np.ndarray],
                     meta: dict, keep: int = 2) -> Path:
     """Write one checkpoint atomically and point `latest` at it; returns its folder."""
-    root = ckpt_root(run_dir)
+    root, final = ckpt_root(run_dir), step_dir(run_dir, step)
+    name = final.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{int(step):09d}"
-    final = root / name
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=tmp_prefix(final), suffix=".tmp"))
     os.chmod(tmp, 0o755)   # mkdtemp makes 0700; the files inside are 0644 like every record
     try:
@@ -120,7 +129,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, arrays: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, name + "\n")
+    try:
+        atomic_write_text(root / LATEST, name + "\n")
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)   # nothing points to it: the previous one stays the newest
+        raise
     # prune: keep the newest `keep` complete checkpoints (never the one `latest` names)
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for p in done[:-max(int(keep), 1)]:
@@ -145,13 +158,19 @@ def peek_meta(run_dir: str | os.PathLike) -> dict | None:
         return None
     path = root / name
     try:
-        entry = json.loads((path / "manifest.json").read_text())["meta.json"]
+        entry = loads((path / "manifest.json").read_bytes())["meta.json"]
         data = (path / "meta.json").read_bytes()
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError("meta.json does not match its manifest")
-        return json.loads(data)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _meta_object(loads(data))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
+
+
+def _meta_object(meta: Any) -> dict:
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json holds a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:
@@ -171,8 +190,8 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} named by {root / LATEST} is missing")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
+        manifest = loads((path / "manifest.json").read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable manifest.json ({e})") from None
     for f in FILES:
         entry = manifest.get(f) if isinstance(manifest, dict) else None
@@ -183,7 +202,7 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
             raise CheckpointError(f"checkpoint {path} is corrupt: {f} does not match its manifest "
                                   f"(size or sha256); delete the run dir or restore the file")
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = _meta_object(loads((path / "meta.json").read_bytes()))
         # weights_only: tensors and plain containers only, no code runs while loading
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
         with np.load(path / "arrays.npz", allow_pickle=False) as z:
