@@ -1,13 +1,15 @@
 """The state of a `wmbench atari` run as one object: built identically for a fresh and a resumed run,
 saved whole to a checkpoint and restored whole from one.
 
+    run_dir_lock(d)  an exclusive lock on the run dir for a run's lifetime (a second process is refused)
     Run.start(cfg)   refuses a run dir made with another config, builds env / models / replay, then
                      either starts fresh or restores the newest checkpoint (and says so)
+    run.note_start() adds this session's choices (precision, threads, compile, why) to `progress.starts`
     run.save()       writes one atomic checkpoint (wmbench.agent.checkpoint) of every field
 
 What is saved, by field (`SAVED`; a test checks that every field is saved or derived from the config):
 - `progress`: counters and logs (env step, updates, fractional update credit, episodes, evaluations,
-  wall time of earlier sessions, time spent updating), as JSON;
+  wall time of earlier sessions, time spent updating, the choices of each start), as JSON;
 - `wm`, `agent`: weights, buffers (BatchNorm, the actor's input statistics), optimisers, warm-up schedules;
 - `replay`: frames, transitions, DFS counters, the sampler's RNG;
 - `env`: the emulator's full state (ALE state and RNG, or the grid world's), so the very same episode
@@ -16,8 +18,11 @@ What is saved, by field (`SAVED`; a test checks that every field is saved or der
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import shutil
 import sys
@@ -34,6 +39,7 @@ from wmbench.agent.acting import ActingContext, env_makers, env_state, set_env_s
 from wmbench.agent.config import RESUMABLE_CHANGES, TrainConfig, check_config, model_config, resolve_device
 from wmbench.core.errors import UserError
 from wmbench.core.paths import writable_dir
+from wmbench.core.readback import iter_jsonl, read_json_object
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Progress:
     eval_history: list = field(default_factory=list)   # every in-training evaluation
     elapsed_s: float = 0.0            # wall time of earlier sessions
     update_time_s: float = 0.0        # seconds spent in updates, all sessions
+    starts: list = field(default_factory=list)         # each session: its env step and choices (note_start)
 
 
 @dataclass
@@ -136,7 +143,8 @@ class Run:
             ckpt.set_python_rng_state(m["python_rng"])
             ckpt.set_numpy_global_rng_state(m["numpy_rng"])
             self.act_rng = ckpt.generator_from_state(m["act_rng"])
-            self.progress = Progress(**{f.name: m[f.name] for f in dataclasses.fields(Progress)})
+            # check_meta made sure every field is there, except those an older checkpoint lacks
+            self.progress = Progress(**{f.name: m[f.name] for f in dataclasses.fields(Progress) if f.name in m})
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise ckpt.CheckpointError(f"checkpoint {state.path} does not fit this run "
                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -164,6 +172,14 @@ class Run:
         self.resumed_from = step
         print(f"resuming {self.run_dir} from env step {step} ({self.progress.n_updates} updates, "
               f"{len(self.progress.episodes)} episodes)", file=sys.stderr)
+
+    def note_start(self) -> None:
+        """Add this session's choices to `progress.starts` (call once its thread count is set): the auto
+        choices are made again at each start, so one resumed run may have used several."""
+        cfg = self.cfg
+        self.progress.starts.append({"step": self.progress.step, "auto_choices": dict(cfg.auto_choices),
+                                     "precision": cfg.precision, "threads": torch.get_num_threads(),
+                                     "compile": cfg.compile})
 
     # --- saving
     def elapsed(self) -> float:
@@ -209,12 +225,14 @@ META_CHECKS = {
     "numpy_rng": lambda v: isinstance(v, list) and len(v) == 5 and isinstance(v[1], list),
     "act_rng": lambda v: isinstance(v, dict) and "bit_generator" in v,
     "env": lambda v: v is None or isinstance(v, dict),
+    "starts": lambda v: isinstance(v, list) and all(isinstance(e, dict) and _is_int(e.get("step")) for e in v),
 }
+META_ADDED_LATER = frozenset({"starts"})   # an older checkpoint lacks them: restored as their default
 
 
 def check_meta(meta: dict, path) -> None:
     """Every field of meta.json the run restores has the type it was written with."""
-    bad = [k for k, ok in META_CHECKS.items() if k not in meta or not ok(meta[k])]
+    bad = [k for k, ok in META_CHECKS.items() if not (ok(meta[k]) if k in meta else k in META_ADDED_LATER)]
     if bad:
         raise ckpt.CheckpointError(f"checkpoint {path} has an invalid meta.json ({', '.join(bad)}); "
                                    "was it edited? delete the run dir or restore the file")
@@ -229,26 +247,61 @@ def _refuse_diff(saved: dict, cfg: TrainConfig, what: str) -> None:
 
 def _refuse_other_config(cfg: TrainConfig, run_dir: Path) -> None:
     path = run_dir / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    try:
-        saved = json.loads(path.read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); use another --run-dir") from None
+    saved = read_json_object(path, "run config").get("train")
+    if not isinstance(saved, dict):
+        raise UserError(f"run config {path} has no \"train\" object; restore the file or use another --run-dir")
     _refuse_diff(saved, cfg, f"run dir {run_dir}")
 
 
 def rewrite_jsonl(path: Path, keep_until_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop rows logged after the checkpoint we resume from (they will be logged again), and lines that
+    are no row of ours (cut by a crash, hand-edited): skipped with a warning, never trusted."""
     from wmbench.core.records import atomic_write_text
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if int(row.get("step", 0)) <= keep_until_step:
-            keep.append(line)
+    keep, bad = [], []
+    for n, row in iter_jsonl(path, bad):
+        if not _is_int(row.get("step")):
+            bad.append((n, "no env step"))
+        elif row["step"] <= keep_until_step:
+            keep.append(json.dumps(row))     # as RunLog wrote it
+    warn_skipped(path, sorted(bad))
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def warn_skipped(path: Path, bad: list[tuple[int, str]], most: int = 5) -> None:
+    """One warning per skipped line, up to `most`, then one for the rest."""
+    for n, reason in bad[:most]:
+        print(f"warning: skipping line {n} of {path}: {reason}", file=sys.stderr)
+    if len(bad) > most:
+        print(f"warning: skipping {len(bad) - most} more bad lines of {path}", file=sys.stderr)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive lock on RUN_DIR/.lock (holding this process's pid) while the block runs, so two
+    processes never train one run dir (each would log every row again). Another holder: one-line
+    UserError naming its pid, before anything is written."""
+    writable_dir(run_dir, "--run-dir")
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"run dir {run_dir} is in use by another process (pid {holder}, lock {path}); "
+                            "wait for it to end, or use another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)     # no holder; the file stays (unlinking it would let two lock it at once)
+    finally:
+        os.close(fd)                # releases the lock
