@@ -1,7 +1,11 @@
 """The run record of `wmbench atari` (the paper's score first, the final evaluation second, every
-paper-vs-code choice) and the summary lines printed at the end of a run."""
+paper-vs-code choice), the summary lines printed at the end of a run, and the completion of records a
+run dir holds but --runs-dir lacks (a kill between the two writes, a full runs dir)."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +66,8 @@ def run_record(run, final: EvalResult) -> dict:
                              "final_eval": {"returns": final.returns, "lengths": final.lengths,
                                             "action_counts": final.action_counts, "action_fractions": fr},
                              "faithful": cfg.faithful, "paper_vs_code": choices,
-                             "parameters": run.wm.param_counts(), "run_dir": str(run.run_dir)}
+                             "parameters": run.wm.param_counts(), "run_dir": str(run.run_dir),
+                             "starts": p.starts}
     if cfg.game == "gridgoal":
         from wmbench.tasks import gridgoal
         g = run.env
@@ -89,6 +94,79 @@ def run_record(run, final: EvalResult) -> dict:
     extra["ale_py_version"] = ale_version()
     config = {**cfg.to_dict(), "model": mcfg.to_dict()}
     return make_record("atari", config, metrics, extra=extra, device=run.device)
+
+
+PENDING = "records"   # RUN_DIR/records/: records --runs-dir could not take (save_record's fallback)
+
+
+def record_name(rec: dict) -> str:
+    """A record's file name in --runs-dir (without .json): fixed by the record, so a re-run finds it."""
+    c = rec["config"]
+    stamp = rec["created_at"].replace(":", "").replace("-", "")[:15]
+    return f"atari-{c['game']}-{c['backbone']}-{c['sampler']}-{c['size']}-seed{c['seed']}-{stamp}"
+
+
+def read_run_record(path: Path) -> dict:
+    """An atari run record written by `finish`; one-line UserError naming `path` if it is not one."""
+    from wmbench.core.errors import UserError
+    from wmbench.core.readback import read_json_object
+    from wmbench.core.records import validate_record
+    rec = read_json_object(path, "run record")
+    try:
+        validate_record(rec)
+        if rec["kind"] != "atari" or not isinstance(rec.get("created_at"), str):
+            raise ValueError("not the record of a wmbench atari run")
+        record_name(rec)
+    except KeyError as e:
+        raise UserError(f"run record {path} is unusable (its config lacks {e}); restore it or delete it") from None
+    except ValueError as e:
+        raise UserError(f"run record {path} is unusable ({e}); restore it or delete it") from None
+    return rec
+
+
+def published_copy(rec: dict, runs_dir) -> Path | None:
+    """The file in `runs_dir` holding exactly `rec`: NAME.json, or NAME-N.json (write_record's names when
+    NAME.json was taken), or None."""
+    from wmbench.core.readback import loads, regular_file
+    name = record_name(rec)
+    for path in [Path(runs_dir) / f"{name}.json", *sorted(Path(runs_dir).glob(f"{name}-*.json"))]:
+        try:
+            if regular_file(path) and loads(path.read_bytes()) == rec:
+                return path
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue     # unreadable: not our copy
+    return None
+
+
+def publish(rec: dict, source: Path, runs_dir) -> Path:
+    """Make sure `rec` (read from `source`) is in `runs_dir`: the copy there, or a new one written
+    atomically (said in one line). Either way the sweep that started us gets its receipt (note_record).
+    RecordNotSaved (exit 1) when `runs_dir` cannot take it: it stays in `source` for the next re-run."""
+    from wmbench.core.records import RecordNotSaved, note_record, write_record
+    path = published_copy(rec, runs_dir)
+    if path is None:
+        try:
+            path = write_record(rec, runs_dir, name=record_name(rec))
+        except OSError as e:
+            raise RecordNotSaved(f"could not write the record {source} to {runs_dir} ({e.strerror or e}); "
+                                 "it stays there: re-run the same command once there is space", source) from None
+        print(f"wrote the missing record {path} (a copy of {source})", file=sys.stderr)
+    note_record(path)
+    return path
+
+
+def complete_records(run_dir: Path, runs_dir) -> tuple[dict | None, Path | None]:
+    """Every record the run dir holds, made sure to be in `runs_dir` (once): RUN_DIR/record.json, and each
+    pending fallback in RUN_DIR/records/, which is removed once it is there. Returns the run dir's
+    record.json and its copy in `runs_dir`, or (None, None) if it has none."""
+    latest, rec, published = run_dir / "record.json", None, None
+    if os.path.lexists(latest):
+        rec = read_run_record(latest)
+        published = publish(rec, latest, runs_dir)
+    for pending in sorted((run_dir / PENDING).glob("*.json")):
+        publish(read_run_record(pending), pending, runs_dir)
+        pending.unlink()
+    return rec, published
 
 
 def summary_lines(cfg: TrainConfig, summary: dict) -> list[str]:

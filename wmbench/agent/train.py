@@ -29,13 +29,22 @@ the environment itself (ALE state incl. its RNG, or the grid world's state), so 
 exactly the steps an uninterrupted one would have taken. If an environment cannot be restored
 (unknown env class), its current episode restarts instead (the partial episode is closed in replay and
 not logged). SIGINT (Ctrl-C) and SIGTERM save a checkpoint at the next step boundary; a second one
-aborts at once.
+aborts at once. One process at a time: a run holds an exclusive lock on RUN_DIR/.lock from before it
+reads the run dir until its record is written, and a second process is refused, naming the holder's pid.
+A checkpoint that cannot be written (disk full) keeps the previous one: a warning naming both while
+training goes on, or, when a signal asked for it, the run stops with that line as its error. Each start
+adds its choices (precision, threads, compile and why) to the progress, kept in checkpoints and the record.
 
 The record's headline `score` is the paper's: the mean of the last 5 training episodes. The final
 evaluation (100 full greedy games, as the code's eval.py) is a second metric, with its action counts.
 
 Outputs in the run dir: config.json, metrics.jsonl (train / episode / eval rows), tb/ (TensorBoard),
-checkpoints/, record.json (also written to --runs-dir for `wmbench report`).
+checkpoints/, record.json (also written to --runs-dir for `wmbench report`), .lock. A run is finished
+when its record is in both places, once: every start first copies into --runs-dir whatever record the
+run dir holds and --runs-dir lacks (a run killed between the two writes, or one whose record fell back
+to RUN_DIR/records/ because --runs-dir was full, whose copy there is then removed), and a run whose
+record.json is of this --steps stops there ("already finished"). Bad lines in metrics.jsonl are skipped
+with a warning when a run resumes; a bad config.json or record is a one-line error naming it.
 """
 from __future__ import annotations
 
@@ -44,14 +53,16 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from wmbench.agent import checkpoint as ckpt
 from wmbench.agent.acting import env_makers, evaluate, policy_actions
 from wmbench.agent.config import TrainConfig, check_config
 from wmbench.agent.estimate import UpdateEstimate, estimate_update, fmt_duration, updates_left
-from wmbench.agent.run import Run
+from wmbench.agent.run import Run, _refuse_other_config, run_dir_lock
 from wmbench.core.measure import finite_or_none, mean_or_nan
 
 # ----------------------------------------------------------------------------------------------
@@ -78,18 +89,38 @@ def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate:
     t_start = time.perf_counter()          # wall_time counts this session from here: setup included
     cfg = check_config(cfg)
     print(banner(cfg), file=sys.stderr, flush=True)
+    with run_dir_lock(Path(cfg.run_dir)):                  # until the record is written
+        done = already_finished(cfg, force)
+        if done is not None:
+            return done
+        return _train_locked(cfg, t_start, show_progress, stop_at, estimate)
+
+
+def already_finished(cfg: TrainConfig, force: bool) -> dict | None:
+    """Copy into --runs-dir the records the run dir holds and it lacks (record.complete_records); then the
+    summary of a finished run (its record.json is of this --steps), unless `force`; else None."""
+    from wmbench.agent import record
+    run_dir = Path(cfg.run_dir)
+    _refuse_other_config(cfg, run_dir)                     # before trusting the records it holds
+    rec, published = record.complete_records(run_dir, cfg.runs_dir)
+    if force or rec is None or rec["config"].get("steps") != cfg.steps:
+        return None
+    print(f"already finished: {run_dir} ran its {cfg.steps} env steps and its record is {published}; "
+          "--force evaluates and records it again", file=sys.stderr)
+    return {"run_dir": str(run_dir), "step": cfg.steps, "episodes": len(rec.get("episodes") or []),
+            "stopped": False, "already_done": True, "record": str(published)}
+
+
+def _train_locked(cfg: TrainConfig, t_start: float, show_progress: bool, stop_at: int | None,
+                  estimate: bool) -> dict:
     run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
     cfg, p = run.cfg, run.progress
-    done = run.run_dir / "record.json"
-    if p.step >= cfg.steps and done.exists() and not force:
-        print(f"already finished: {run.run_dir} is at env step {p.step} and has its record {done}; "
-              "--force evaluates and records it again", file=sys.stderr)
-        return {**summary(run, stopped=False), "already_done": True, "record": str(done)}
     measure_threads = run.device.type == "cpu" and not cfg.threads
     if estimate and p.step < cfg.steps:
         run.estimate = plan(run, measure_threads).s_per_update
     elif measure_threads:
         cfg.auto_choices["threads"] = f"{torch.get_num_threads()}, torch's default (not measured: no estimate)"
+    run.note_start()
     log = RunLog(run, show_progress)
     run.t_session, last_save_t = t_start, time.perf_counter()
     stopped = False
@@ -103,8 +134,8 @@ def _train(cfg: TrainConfig, show_progress: bool, stop_at: int | None, estimate:
                     evaluate_now(run, log)
                 stopped = stop.requested or (stop_at is not None and p.step >= stop_at)
                 if stopped or p.step == cfg.steps or checkpoint_due(run, last_save_t):
-                    run.save()
-                    log.last_checkpoint, last_save_t = p.step, time.perf_counter()
+                    checkpoint(run, log, asked=stopped)
+                    last_save_t = time.perf_counter()   # a failed one is tried again when due again
                 if stopped:
                     break
         log.bar.close()
@@ -157,10 +188,8 @@ def update(run: Run, log: "RunLog") -> None:
             c = run.replay.sample(m.imag_batch, m.imag_context, imagination=True)
             ac_out = run.agent.update(run.wm.imagine(c["obs"], c["action"], run.agent))
         except FloatingPointError as e:
-            kept = (f"the last good checkpoint (env step {log.last_checkpoint}) in {run.run_dir / 'checkpoints'} "
-                    "is kept" if log.last_checkpoint is not None else "no checkpoint had been written yet")
             raise NonFiniteLossError(f"non-finite loss at env step {p.step}, update {p.n_updates + 1}: {e}; "
-                                     f"the run stopped and {kept}") from None
+                                     f"the run stopped and {log.kept()}") from None
         p.update_time_s += time.perf_counter() - t0
         p.credit -= 1.0
         p.n_updates += 1
@@ -178,6 +207,21 @@ def evaluate_now(run: Run, log: "RunLog") -> None:
     log.eval(ev)
 
 
+def checkpoint(run: Run, log: "RunLog", asked: bool) -> None:
+    """Save a checkpoint. One that cannot be written (disk full) keeps the previous one: a warning while
+    training goes on (the run can still finish and record), the run's error when a stop `asked` for it."""
+    try:
+        run.save()
+    except OSError as e:
+        msg = (f"could not write checkpoint {ckpt.step_dir(run.run_dir, run.progress.step)} "
+               f"({e.strerror or e}); {log.kept()}")
+        if asked:
+            raise ckpt.CheckpointNotSaved(msg) from None
+        print(f"warning: {msg}; training goes on", file=sys.stderr)
+    else:
+        log.last_checkpoint = run.progress.step
+
+
 def checkpoint_due(run: Run, last_save_t: float) -> bool:
     cfg = run.cfg
     return bool((cfg.checkpoint_every and run.progress.step % cfg.checkpoint_every == 0) or
@@ -186,7 +230,7 @@ def checkpoint_due(run: Run, last_save_t: float) -> bool:
 
 def finish(run: Run, log: "RunLog") -> dict:
     """The final evaluation (full games, greedy) and the run record, in --runs-dir and the run dir."""
-    from wmbench.agent.record import run_record
+    from wmbench.agent.record import PENDING, record_name, run_record
     from wmbench.core.records import save_record, write_record
     cfg = run.cfg
     final = evaluate(run.wm, run.agent, env_makers(cfg)[1], cfg.final_eval_episodes, cfg.eval_envs, run.mcfg,
@@ -194,13 +238,12 @@ def finish(run: Run, log: "RunLog") -> dict:
                      progress="final evaluation" if log.show else None)
     log.writer.add_scalar("eval/final_return", final.mean, run.progress.step)
     rec = run_record(run, final)
-    name = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-" + \
-        rec["created_at"].replace(":", "").replace("-", "")[:15]
     try:
         write_record(rec, run.run_dir, name="record", overwrite=True)   # the run dir's latest record
     except OSError as e:
         print(f"warning: could not write {run.run_dir / 'record.json'} ({e.strerror or e})", file=sys.stderr)
-    path = save_record(rec, cfg.runs_dir, name=name, fallbacks=(run.run_dir / "records",))
+    # a kill from here on, or a full --runs-dir, leaves the record for the next start to complete
+    path = save_record(rec, cfg.runs_dir, name=record_name(rec), fallbacks=(run.run_dir / PENDING,))
     return {**summary(run, stopped=False), "record": str(path), "final_eval_return": final.mean,
             "score": rec["metrics"]["score"]["value"], "metrics": rec["metrics"],
             "final_eval_action_fractions": final.action_fractions()}
@@ -229,6 +272,7 @@ class RunLog:
         self.step0, self.updates0, self.t0 = p.step, p.n_updates, time.perf_counter()
         self.update_time0 = p.update_time_s
         self.last_checkpoint = run.resumed_from
+        self.ckpt_dir = ckpt.ckpt_root(run.run_dir)
         self.show = show_progress
         self.human_norm = None
         if cfg.game != "gridgoal":
@@ -238,7 +282,15 @@ class RunLog:
                         dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]", desc=f"{cfg.game} {cfg.backbone}/{cfg.sampler}/{cfg.size}",
                         file=sys.stderr)
 
+    def kept(self) -> str:
+        """Which checkpoint a failure leaves the run with."""
+        if self.last_checkpoint is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint (env step {self.last_checkpoint}) in {self.ckpt_dir} is kept"
+
     def _row(self, row: dict) -> None:
+        # strict JSON (NaN as null): a resume reads the log back with wmbench.core.readback
+        row = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
 
