@@ -228,6 +228,7 @@ def test_checkpoint_folders_share_their_files_mode(tmp_path):
 
 
 def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    """Every checkpoint write fails: one warning line each, naming it; the run still ends with its record."""
     import wmbench.agent.checkpoint as ckpt
     from wmbench.cli import main
 
@@ -237,7 +238,10 @@ def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(ckpt, "_fsync_write", full)
     rc = main([*TINY_ATARI, "--run-dir", str(tmp_path / "run"), "--runs-dir", str(tmp_path / "rec")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "No space left" in err
+    warns = [ln for ln in err.splitlines() if ln.startswith("warning: could not write checkpoint")]
+    assert rc == 0 and len(warns) == 2 and all("No space left" in w for w in warns), err
+    assert "step_000000020" in warns[0] and "step_000000040" in warns[1]
+    assert len(list((tmp_path / "rec").glob("*.json"))) == 1
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
 
 
