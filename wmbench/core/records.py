@@ -21,6 +21,7 @@ import torch
 
 from wmbench.core import allocator
 from wmbench.core.paths import remove_orphans, tmp_prefix
+from wmbench.core.readback import finite, read_json_object
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "kind", "config", "environment", "metrics")
@@ -225,6 +226,19 @@ def validate_record(rec: Any) -> None:
             raise ValueError(f"record field {k!r} is not a {t.__name__}")
     if rec["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"unsupported schema_version {rec['schema_version']!r} (expected {SCHEMA_VERSION})")
+    # a NaN or infinite metric poisons every mean it enters; null (not measured) is fine
+    bad = [name for name, m in rec["metrics"].items() if not finite(m)]
+    if bad:
+        raise ValueError(f"metric(s) {', '.join(bad)} hold a NaN or infinite number")
+
+
+def read_record(path: Path) -> dict:
+    """The validated record in `path`, its names canonical; ValueError saying why not. A FIFO or device
+    named *.json is refused before it is opened (opening a FIFO blocks until someone writes to it)."""
+    rec = read_json_object(path, "record")
+    validate_record(rec)
+    rec["config"] = canonical_names(rec["config"])
+    return rec
 
 
 def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None = None,
@@ -234,10 +248,11 @@ def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None 
     out = []
     for path in sorted(Path(runs_dir).glob("*.json")):
         try:
-            rec = json.loads(path.read_text())
-            validate_record(rec)
-        except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            rec = read_record(path)
+        except ValueError as e:      # UserError (readback) is a ValueError
+            # readback's message names the file; the warning line already does
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first.removeprefix(f"record {path} ")
             if skipped is None:
                 warnings.warn(f"skipping {path}: {reason}")
             else:
@@ -251,17 +266,58 @@ def load_records(runs_dir: str | os.PathLike = "results/runs", kind: str | None 
 
 def records_of(runs_dir, kind: str) -> list[dict]:
     """The records of `kind` under `runs_dir`, quietly skipping unusable files (the report names them)."""
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_records(runs_dir, kind=kind)
 
 
 def existing_record(records: list[dict], config: dict) -> str | None:
-    """The path of the newest of `records` made with exactly `config`, or None (a cell already run)."""
-    want = json.loads(json.dumps(config, default=str))
-    recs = [r for r in records if r.get("config") == want]
+    """The path of the newest of `records` with the scientific configuration of `config`, or None (a
+    cell already run, perhaps with other threads or paths)."""
+    want = scientific_config(config)
+    recs = [r for r in records if scientific_config(r["config"]) == want]
     return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
+
+
+# Config fields that say how or where a run ran, never what it computed: out of the seed key.
+RUN_TIME_FIELDS = frozenset({
+    "threads", "workers", "allocator",              # how fast, not what
+    "run_dir", "runs_dir", "data_dir",              # where
+    "no_progress", "log_every", "checkpoint_every", "checkpoint_minutes",   # what it showed and saved when
+    "auto_choices", "preset",       # preset: informative, the fields it set are in the config
+})
+# Fields that are run-time only when chosen automatically (the config's `auto_choices` has their key):
+# auto precision is measured at each start and flips under load; a precision the user forced stays.
+AUTOMATIC_FIELDS = ("precision", "compile")
+
+
+def scientific_config(config: dict) -> dict:
+    """`config` as the key of one (configuration, seed): the model, task, data, schedule and seed that
+    decide what a run computes, without run-time settings (RUN_TIME_FIELDS, automatic choices) and with
+    canonical names. The report's record_key and `existing_record` (a run's skip check) both use it, so
+    a seed re-run with other threads is counted, and skipped, as the same seed."""
+    auto = config.get("auto_choices")
+    auto = auto if isinstance(auto, dict) else {}
+    cfg = {k: v for k, v in canonical_names(config).items()
+           if k not in RUN_TIME_FIELDS and not (k in AUTOMATIC_FIELDS and k in auto)}
+    if "precision" in auto and isinstance(cfg.get("model"), dict):
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "amp"}   # the same choice, spelt as amp
+    return json.loads(json.dumps(cfg, default=str))      # as it reads back from a record: tuples as lists
+
+
+def canonical_names(config: dict) -> dict:
+    """`config` (and the dicts inside it) with backbone names as the registry spells them, lower case:
+    older versions kept `--backbone Mamba2` as written, a separate key and report row from `mamba2`."""
+    out = {}
+    for k, v in config.items():
+        if k == "backbone" and isinstance(v, str):
+            v = v.lower()
+        elif k == "backbones" and isinstance(v, list):
+            v = [b.lower() if isinstance(b, str) else b for b in v]
+        elif isinstance(v, dict):
+            v = canonical_names(v)
+        out[k] = v
+    return out
 
 
 def save_record_and_say(record: dict, runs_dir, name: str) -> bool:
