@@ -194,14 +194,14 @@ def test_local_sweep_runs_each_run_once_and_resumes(tmp_path, capsys):
 
 
 def test_failed_runs_are_retried_logged_and_fail_the_sweep(tmp_path, capsys):
-    # --len 53 is not a multiple of 26: every attempt of those runs exits 2
-    spec = _spec_file(tmp_path, {"len": [52, 53]}, options={k: v for k, v in TINY.items() if k != "len"} | {"backbone": "gru"})
+    # --lr 1e30 passes every check before the run and diverges in it: every attempt of that run exits 1
+    spec = _spec_file(tmp_path, {"lr": [0.002, 1e30]}, options=TINY | {"backbone": "gru"})
     assert main(_sweep_argv(spec, tmp_path, "--retries", "1", "--threads", "1")) == 1
     out = capsys.readouterr().out
-    assert "1 failed" in out and "failed: run backbone=gru" in out and "len=53" in out
-    bad = [r for r in load_spec(str(spec)).expand() if r.option("len") == 53][0]
+    assert "1 failed" in out and "failed: run backbone=gru" in out and "lr=1e+30" in out
+    bad = [r for r in load_spec(str(spec)).expand() if r.option("lr") == 1e30][0]
     logs = sorted((tmp_path / "state" / "logs").glob(f"{bad.key}.*.log"))
-    assert len(logs) == 2 and all("multiple of" in p.read_text() for p in logs)
+    assert len(logs) == 2 and all("training loss became nan" in p.read_text() for p in logs)
     assert _records(tmp_path) == [("gru", 0)]
 
 

@@ -1,6 +1,6 @@
 """`wmbench sweep` under faults (issue 28): a run is done only when its record reached --runs-dir, bad or
 stale done markers do not count, SIGINT/SIGTERM stop the runs gracefully (one signal each, a bounded
-grace, a second signal kills), and the SLURM job checkpoints and requeues.
+grace, a second signal kills), the SLURM job checkpoints and requeues, and bad values are one-line errors.
 
 Most tests run a fake run (a small Python script in place of `python -m wmbench.cli`) so they take
 seconds; one parametrised test stops and resumes a real tiny agent."""
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from wmbench.cli import main
 from wmbench.core.records import SCHEMA_VERSION
 from wmbench.sweep import worker
 from wmbench.sweep.driver import run_sweep
@@ -270,3 +271,32 @@ def test_the_slurm_job_checkpoints_its_run_and_requeues_the_same_call(tmp_path, 
     assert isinstance(again.function, worker.CheckpointableRun) and again.function.grace_s == 30
     import pickle
     pickle.dumps(again.function)                              # submitit pickles it for the requeued job
+
+
+# ------------------------------------------------------------------------------- values
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--workers", "0", "--workers must be >= 1"),
+    ("--workers", "-2", "--workers must be >= 1"),
+    ("--threads", "0", "--threads must be >= 1"),
+    ("--grace-s", "-1", "--grace-s must be >= 0"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, capsys, flag, value, match):
+    rc = main(["sweep", "--grid", "backbone=gru", "--set", "task=gridworld", flag, value,
+               "--state-dir", str(tmp_path / "s"), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and match in err, err
+
+
+@pytest.mark.parametrize("argv, label, match", [
+    (["--grid", "steps=-5", "--set", "task=gridworld"], "run steps=-5 task=gridworld", "steps"),
+    (["--grid", "len=53", "--set", "task=gridworld"], "run len=53 task=gridworld", "multiple of"),   # check only
+    (["--command", "atari", "--grid", "warmup=200", "--set", "game=gridgoal", "--set", "steps=100"],
+     "atari game=gridgoal steps=100 warmup=200", "must be below --steps"),                           # check only
+])
+def test_each_runs_own_validation_runs_before_the_sweep(tmp_path, capsys, argv, label, match):
+    """Not only the parser: what the run itself would refuse fails the sweep before it starts, in one line,
+    instead of as N failed and retried runs."""
+    rc = main(["sweep", *argv, "--state-dir", str(tmp_path / "s"), "--runs-dir", str(tmp_path / "r"), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: run `{label}`: ") and match in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import shlex
 from pathlib import Path
@@ -67,9 +68,10 @@ def _spec(a):
     return inline_spec(a.command, a.grid, a.sets)
 
 
-def validate(runs, build_parser) -> None:
-    """Every run's command line parses, and its named backbone, task and game exist: a typo fails the
-    sweep before the first run starts, not as N failed runs."""
+def validate(runs, build_parser, argv_of=None) -> None:
+    """Every run's command line (`argv_of(run)`, default the spec's options) parses, its named backbone,
+    task and game exist, and the command's own check of its options passes: a mistake fails the sweep
+    before the first run starts, not as N failed runs."""
     import wmbench
     from wmbench.tasks.atari import list_games
     parser = build_parser()
@@ -78,7 +80,7 @@ def validate(runs, build_parser) -> None:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                parser.parse_args(run.argv())
+                args = parser.parse_args(argv_of(run) if argv_of else run.argv())
         except SystemExit:
             msg = err.getvalue().strip().splitlines()
             raise ValueError(f"run `{run.label}`: {msg[0] if msg else 'invalid options'}") from None
@@ -89,6 +91,26 @@ def validate(runs, build_parser) -> None:
             raise ValueError(f"run `{run.label}`: task {t!r} has no `wmbench run` harness; valid: {', '.join(RUN_TASKS)}")
         if g is not None and str(g).lower() not in games:
             raise ValueError(f"run `{run.label}`: unknown game {g!r} (see `wmbench list`)")
+        _run_check(run, args)
+
+
+def _run_check(run, args) -> None:
+    """The command's own validation, `args.validate(args)`: exactly what `--check` and the real run refuse
+    (wmbench/cli.py sets it on each command that has one)."""
+    from wmbench.cli import one_line
+    check = getattr(args, "validate", None)
+    if check is None:
+        return
+    try:
+        check(args)
+    except ValueError as e:            # UserError too
+        raise ValueError(f"run `{run.label}`: {one_line(str(e))}") from None
+
+
+def _at_least_one(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value
 
 
 def cmd_sweep(a, build_parser) -> int:
@@ -99,16 +121,21 @@ def cmd_sweep(a, build_parser) -> int:
     name = a.executor or ex.get("name", "local")
     if name not in EXECUTORS:
         raise ValueError(f"executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
-    workers = a.workers or int(ex.get("workers", 1))
+    workers = _at_least_one(a.workers, "--workers") if a.workers is not None else \
+        _at_least_one(ex.get("workers", 1), "[executor] workers")
     threads = a.threads if a.threads is not None else ex.get("threads")
-    if threads is None and name == "local":
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    if threads is not None:
+        _at_least_one(threads, "--threads" if a.threads is not None else "[executor] threads")
+    elif name == "local":
+        threads = max(1, (os.cpu_count() or 1) // workers)
     if a.retries < 0:
         raise ValueError(f"--retries must be >= 0, got {a.retries}")
+    if not math.isfinite(a.grace_s) or a.grace_s < 0:
+        raise ValueError(f"--grace-s must be >= 0 and finite (seconds), got {a.grace_s}")
     runs = spec.expand()
-    validate(runs, build_parser)
     runs_dir = Path(a.runs_dir).resolve()
     state = Path(a.state_dir or Path("runs") / "sweeps" / spec.name).resolve()
+    validate(runs, build_parser, lambda r: driver.run_argv(r, runs_dir, state, threads))
     res = {"cpus": a.cpus if a.cpus is not None else ex.get("cpus", 1),
            "gpus": a.gpus if a.gpus is not None else ex.get("gpus", 0)}
     slurm = {**{k: v for k, v in ex.items() if k not in ("name", "workers", "threads", "address")}, **res,
