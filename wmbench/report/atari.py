@@ -25,6 +25,13 @@ def _f(v, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def _mean(values: list):
+    """The mean of the values that were measured: None (not measured) and NaN / inf are left out, so one
+    seed without a value neither blanks its configuration's mean nor counts as 0. None if none is left."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
 def _hardware(rec: dict) -> str:
     env = rec.get("environment", {})
     name = env.get("device_name") or env.get("cpu_model") or "?"
@@ -103,11 +110,10 @@ def atari_markdown(records: list[dict]) -> str:
         for key, rs in groups.items():
             if len(rs) < 2:
                 continue
-            mean = lambda f: _f(float(np.mean([f(r) for r in rs if f(r) is not None]))  # noqa: E731
-                                if any(f(r) is not None for r in rs) else None, 3 if f is not _score else 2)
+            mean = lambda f, digits=3: _f(_mean([f(r) for r in rs]), digits)  # noqa: E731
             lines.append(f"| **{key[0]}** | **{key[1]}** | **{key[2]}** | **{key[3]}** | mean of {len(rs)} | "
-                         f"{key[4]} | **{mean(_score)}** | **{mean(lambda r: _score_ref(r, grid))}** | "
-                         f"{_f(float(np.mean([_m(r, 'final_eval_return') or 0 for r in rs])))} | "
+                         f"{key[4]} | **{mean(_score, 2)}** | **{mean(lambda r: _score_ref(r, grid))}** | "
+                         f"{mean(lambda r: _m(r, 'final_eval_return'), 2)} | "
                          f"{mean(lambda r: _eval_ref(r, grid))} | | {key[5]} |")
         lines.append("")
     return "\n".join(lines)

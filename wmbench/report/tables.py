@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wmbench.core.records import atomic_write_bytes, atomic_write_text, load_records
+from wmbench.core.records import atomic_write_bytes, atomic_write_text, load_records, scientific_config
 
 ORDER = ["mamba2", "mamba", "gru", "transformer"]
 GIB8 = 8 * 2**30  # the paper reports memory as % of an 8 GB GPU
@@ -233,15 +233,11 @@ def bench_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# config fields that say where a run was written, not what it computed: two records that differ only
-# here are the same (config, seed)
-WHERE_FIELDS = ("run_dir", "runs_dir", "auto_choices", "preset")
-
-
 def record_key(rec: dict) -> str:
-    """What makes two records the same run: kind, config (without where it was written) and hardware."""
+    """What makes two records the same run: kind, scientific configuration (the one `wmbench run` skips a
+    seed by: no threads, paths or automatic precision) and hardware."""
     import json
-    cfg = {k: v for k, v in rec["config"].items() if k not in WHERE_FIELDS}
+    cfg = scientific_config(rec["config"])
     return json.dumps([rec["kind"], cfg, rec["environment"].get("device_name")], sort_keys=True, default=str)
 
 
@@ -281,7 +277,7 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     import logging
 
     from wmbench.core.errors import UserError
-    from wmbench.core.paths import writable_dir
+    from wmbench.core.paths import remove_orphans, writable_dir
     from wmbench.report.agent_bench import agent_bench_markdown, agent_bench_plot, latest_cells
     # matplotlib's font fallback notes ("findfont: ... not found") are noise here; our messages are ours
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
@@ -292,6 +288,8 @@ def build_report(runs_dir: str = "results/runs", out_dir: str = "results", machi
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f"no run records under {runs_dir} (no such folder)")
     out = writable_dir(out_dir, "--out")
+    for folder in ("tables", "plots"):      # temp files of a report killed mid-write (a live one is kept)
+        remove_orphans(out / folder)
     skipped: list = []
     records = load_records(runs_dir, skipped=skipped)
     if machine:
