@@ -75,6 +75,15 @@ def _sweep(tmp_path, runs, retries=0):
 RUN = Run("run", (("seed", 0),))
 
 
+def _spec(tmp_path, command: str, options: dict, grid: dict) -> Path:
+    def table(d):
+        return "{ " + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in d.items()) + " }"
+    p = tmp_path / "spec.toml"
+    p.write_text(f'name = "faults"\n[[runs]]\ncommand = "{command}"\noptions = {table(options)}\n'
+                 f"grid = {table(grid)}\n")
+    return p
+
+
 # --------------------------------------------------------------------- done means a record in --runs-dir
 
 def test_exit_0_without_a_record_is_a_failed_run(tmp_path, fake, capsys):
@@ -118,16 +127,24 @@ def test_a_bad_or_stale_done_marker_does_not_count(tmp_path, fake, capsys, marke
     assert len(said) == 1 and RUN.label in said[0], said
 
 
+def test_a_run_found_already_done_in_runs_dir_counts_through_its_receipt(tmp_path, capsys):
+    """A real `wmbench run` whose done file was lost: re-run, it says `already done` and names its existing
+    record in the receipt, so the sweep marks it done again without a second record."""
+    options = {"task": "gridworld", "steps": 3, "d-model": 16, "eval-sequences": 2, "len": 52, "backbone": "gru"}
+    spec = _spec(tmp_path, "run", options, {"seed": [0]})
+    argv = ["sweep", str(spec), "--runs-dir", str(tmp_path / "records"), "--state-dir", str(tmp_path / "state"),
+            "--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    [marker] = (tmp_path / "state" / "done").glob("*.json")
+    first = json.loads(marker.read_text())["records"]
+    marker.unlink()
+    assert main(argv) == 0
+    assert "sweep: 1 run now" in capsys.readouterr().out
+    assert json.loads(marker.read_text())["records"] == first
+    assert len(list((tmp_path / "records").glob("*.json"))) == 1
+
+
 # --------------------------------------------------------------------------------- signals
-
-def _spec(tmp_path, command: str, options: dict, grid: dict) -> Path:
-    def table(d):
-        return "{ " + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in d.items()) + " }"
-    p = tmp_path / "spec.toml"
-    p.write_text(f'name = "faults"\n[[runs]]\ncommand = "{command}"\noptions = {table(options)}\n'
-                 f"grid = {table(grid)}\n")
-    return p
-
 
 def _start_sweep(tmp_path, argv, env=None) -> subprocess.Popen:
     """The sweep as a command that leads its own process group, as a shell job or a batch script would."""
