@@ -147,6 +147,9 @@ def test_existing_record_finds_a_seed_made_with_other_threads(tmp_path):
     again = {**_grid_record(threads=2)["config"], "preset": ""}
     assert existing_record(records, again) == str(tmp_path / "t1.json")
     assert existing_record(records, {**again, "seed": 1}) is None     # another seed is still to run
+    machine = records[0]["environment"]["device_name"]
+    assert existing_record(records, again, machine) == str(tmp_path / "t1.json")
+    assert existing_record(records, again, "another CPU") is None      # a seed counts once per machine
 
 
 def _agent_config(precision: str, auto: bool) -> dict:

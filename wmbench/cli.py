@@ -296,7 +296,7 @@ def _cmd_run(a) -> int:
     import json
 
     from wmbench.core.paths import writable_dir
-    from wmbench.core.records import make_record, note_record, save_record_and_say
+    from wmbench.core.records import device_name, make_record, note_record, save_record_and_say
     from wmbench.harness.gridworld import summary_lines, train_and_evaluate
 
     checked = _check_run_args(a)
@@ -315,7 +315,7 @@ def _cmd_run(a) -> int:
             r["config"].setdefault("grid_size", 5)
             r["config"].setdefault("variant", "full")
     for cfg in cfgs:
-        done = _existing_record(existing, cfg.to_dict())
+        done = _existing_record(existing, cfg.to_dict(), device_name(cfg.device))
         # the record name and messages name the grid and variant when they are not the paper's 5x5 full task
         cell = "" if (cfg.grid_size, cfg.variant) == (5, "full") else f"{cfg.variant}-g{cfg.grid_size}-"
         if done is not None:
@@ -363,9 +363,9 @@ def _records_of(runs_dir, kind: str) -> list[dict]:
     return records_of(runs_dir, kind)
 
 
-def _existing_record(records: list[dict], config: dict) -> str | None:
+def _existing_record(records: list[dict], config: dict, machine: str) -> str | None:
     from wmbench.core.records import existing_record
-    return existing_record(records, config)
+    return existing_record(records, config, machine)
 
 
 def _add_report(sub):

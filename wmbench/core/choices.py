@@ -24,9 +24,8 @@ def cache_path() -> Path:
 
 
 def machine_key(device: torch.device) -> str:
-    from wmbench.core.records import _cpu_model
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
-    return f"{device.type}|{name}|torch {torch.__version__}"
+    from wmbench.core.records import device_name
+    return f"{device.type}|{device_name(device)}|torch {torch.__version__}"
 
 
 def _load() -> dict:

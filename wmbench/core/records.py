@@ -116,10 +116,14 @@ def environment(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         env["gpu_model"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
-        env["device_name"] = env["gpu_model"]
-    else:
-        env["device_name"] = env["cpu_model"]
+    env["device_name"] = device_name(device)
     return env
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The machine's name in records: the GPU's model for a CUDA device, else the CPU's."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
 
 def make_record(kind: str, config: dict, metrics: dict, extra: dict | None = None,
@@ -271,11 +275,13 @@ def records_of(runs_dir, kind: str) -> list[dict]:
         return load_records(runs_dir, kind=kind)
 
 
-def existing_record(records: list[dict], config: dict) -> str | None:
-    """The path of the newest of `records` with the scientific configuration of `config`, or None (a
-    cell already run, perhaps with other threads or paths)."""
+def existing_record(records: list[dict], config: dict, machine: str | None = None) -> str | None:
+    """The path of the newest of `records` with the scientific configuration of `config` (and, given
+    `machine`, made on it: a runs dir shared by two machines holds a seed once per machine, as the report
+    counts it), or None (a cell already run, perhaps with other threads or paths)."""
     want = scientific_config(config)
-    recs = [r for r in records if scientific_config(r["config"]) == want]
+    recs = [r for r in records if scientific_config(r["config"]) == want
+            and (machine is None or r["environment"].get("device_name") == machine)]
     return max(recs, key=lambda r: r.get("created_at", ""))["_path"] if recs else None
 
 

@@ -83,15 +83,18 @@ def print_checked(checked: tuple) -> int:
 def run_atari_cells(a, checked: tuple) -> int:
     """The `wmbench run --task atari` command after check_atari_cells: returns the exit status."""
     from wmbench.core.paths import writable_dir
-    from wmbench.core.records import existing_record, make_record, note_record, records_of, save_record_and_say
+    from wmbench.core.records import (device_name, existing_record, make_record, note_record, records_of,
+                                      save_record_and_say)
     from wmbench.harness.atari_dataset import DatasetError, get_dataset
     cfgs, policy, key = checked
     runs_dir = writable_dir(a.runs_dir, "--runs-dir")
     existing = [] if a.force else records_of(runs_dir, "wm-atari")
-    todo = [c for c in cfgs if existing_record(existing, _record_config(c, key)) is None]
+    def done_before(c):
+        return existing_record(existing, _record_config(c, key), device_name(c.device))
+    todo = [c for c in cfgs if done_before(c) is None]
     for c in cfgs:
         if c not in todo:
-            done = existing_record(existing, _record_config(c, key))
+            done = done_before(c)
             print(f"{c.game} {c.backbone} L={c.seq_len} seed {c.seed}: already done (--force runs it again)")
             print(f"record: {done}")
             note_record(done)
