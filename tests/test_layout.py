@@ -139,7 +139,9 @@ def test_run_save_writes_every_progress_field(tmp_path):
     run = Run.start(cfg)
     values = {"step": 7, "n_updates": 3, "credit": 0.5, "episodes": [{"step": 5, "return": 1.0, "length": 5}],
               "eval_history": [{"step": 6, "mean": 2.0, "returns": [2.0], "action_counts": [1, 0]}],
-              "elapsed_s": 12.5, "update_time_s": 1.25}
+              "elapsed_s": 12.5, "update_time_s": 1.25,
+              "starts": [{"step": 0, "auto_choices": {"size": "no CUDA device"}, "precision": "fp32", "threads": 1,
+                          "compile": False}]}
     assert set(values) == {f.name for f in dataclasses.fields(Progress)}, "a new Progress field needs a value here"
     run.progress = Progress(**values)
     run.save()
