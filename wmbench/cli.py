@@ -9,6 +9,7 @@ import os
 import sys
 
 from wmbench.core import allocator, argtypes
+from wmbench.core.errors import one_line
 
 
 def _csv(kind):
@@ -421,13 +422,6 @@ def _add_sweep(sub):  # grids of runs: wmbench/sweep/
 
 
 COMMANDS = [_add_run, _add_atari, _add_bench, _add_sweep, _add_report, _add_imagine, _add_list]
-
-
-def one_line(message: str) -> str:
-    """The first line of a message, with any other control character (a user's input echoed back)
-    escaped, so an error is always exactly one line."""
-    first = message.strip().split("\n")[0]
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in first)
 
 
 class _Parser(argparse.ArgumentParser):

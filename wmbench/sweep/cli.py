@@ -97,7 +97,7 @@ def validate(runs, build_parser, argv_of=None) -> None:
 def _run_check(run, args) -> None:
     """The command's own validation, `args.validate(args)`: exactly what `--check` and the real run refuse
     (wmbench/cli.py sets it on each command that has one)."""
-    from wmbench.cli import one_line
+    from wmbench.core.errors import one_line
     check = getattr(args, "validate", None)
     if check is None:
         return
