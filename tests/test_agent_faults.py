@@ -107,6 +107,17 @@ def test_pending_fallback_is_completed_once_space_is_back(tmp_path, capsys, monk
     assert rc == 0 and len(_records(tmp_path)) == 1
 
 
+def test_lost_run_dir_record_does_not_evaluate_twice(tmp_path, capsys):
+    """RUN_DIR/record.json could not be written (its disk full) while --runs-dir took the record: the re-run
+    finds that record, restores record.json, and neither evaluates nor records the run again."""
+    rc, _, _ = _main(capsys, *_args(tmp_path))
+    [rec] = _records(tmp_path)
+    (tmp_path / "run" / "record.json").unlink()
+    rc, out, err = _main(capsys, *_args(tmp_path))
+    assert rc == 0 and "already finished" in err and _records(tmp_path) == [rec]
+    assert json.loads((tmp_path / "run" / "record.json").read_text()) == json.loads(rec.read_text())
+
+
 def test_corrupt_run_dir_record_is_one_line(tmp_path, capsys):
     rc, _, _ = _main(capsys, *_args(tmp_path))
     assert rc == 0

@@ -155,6 +155,31 @@ def publish(rec: dict, source: Path, runs_dir) -> Path:
     return path
 
 
+def find_published(cfg: TrainConfig) -> tuple[dict | None, Path | None]:
+    """The newest record in --runs-dir of this run dir at this --steps, for a run whose record.json could
+    not be written (a full run dir) while --runs-dir took the record: without it, a re-run would evaluate
+    and record the run a second time. record.json is restored from it where possible."""
+    from wmbench.core.readback import read_json_object
+    from wmbench.core.records import write_record
+    prefix = f"atari-{cfg.game}-{cfg.backbone}-{cfg.sampler}-{cfg.size}-seed{cfg.seed}-"
+    found = []
+    for path in Path(cfg.runs_dir).glob(prefix + "*.json"):
+        try:
+            rec = read_json_object(path, "record")
+        except ValueError:
+            continue                 # unreadable: the report names it; not this run's proof
+        if rec.get("run_dir") == str(cfg.run_dir) and (rec.get("config") or {}).get("steps") == cfg.steps:
+            found.append((str(rec.get("created_at", "")), path, rec))
+    if not found:
+        return None, None
+    _, path, rec = max(found)
+    try:
+        write_record(rec, cfg.run_dir, name="record", overwrite=True)
+    except OSError as e:
+        print(f"warning: could not restore {Path(cfg.run_dir) / 'record.json'} ({e.strerror or e})", file=sys.stderr)
+    return rec, path
+
+
 def complete_records(run_dir: Path, runs_dir) -> tuple[dict | None, Path | None]:
     """Every record the run dir holds, made sure to be in `runs_dir` (once): RUN_DIR/record.json, and each
     pending fallback in RUN_DIR/records/, which is removed once it is there. Returns the run dir's

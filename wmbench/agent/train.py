@@ -100,9 +100,14 @@ def already_finished(cfg: TrainConfig, force: bool) -> dict | None:
     """Copy into --runs-dir the records the run dir holds and it lacks (record.complete_records); then the
     summary of a finished run (its record.json is of this --steps), unless `force`; else None."""
     from wmbench.agent import record
+    from wmbench.core.records import note_record
     run_dir = Path(cfg.run_dir)
     _refuse_other_config(cfg, run_dir)                     # before trusting the records it holds
     rec, published = record.complete_records(run_dir, cfg.runs_dir)
+    if rec is None:
+        rec, published = record.find_published(cfg)       # record.json lost to a full run dir
+        if rec is not None:
+            note_record(published)
     if force or rec is None or rec["config"].get("steps") != cfg.steps:
         return None
     print(f"already finished: {run_dir} ran its {cfg.steps} env steps and its record is {published}; "
