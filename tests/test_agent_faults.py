@@ -327,3 +327,20 @@ def test_checkpoint_without_starts_restores_as_empty(tmp_path):
     _fix_manifest(step)
     out = train(_cfg(tmp_path), progress=False)
     assert [s["step"] for s in json.loads(Path(out["record"]).read_text())["starts"]] == [20]
+
+
+def test_automatic_threads_are_measured_once(tmp_path, capsys):
+    """--threads unset: the first start measures the count; its resume keeps it, and another run of the
+    same model on this machine takes it from the choice cache, neither measuring again."""
+    from wmbench.agent.train import train
+    train(_cfg(tmp_path, threads=0), progress=False, stop_at=20, estimate=True)
+    assert "threads -> " in capsys.readouterr().err                      # measured
+    out = train(_cfg(tmp_path, threads=0), progress=False, estimate=True)
+    err = capsys.readouterr().err
+    assert "threads auto -> " in err and "first start" in err and "threads -> " not in err
+    first, second = json.loads(Path(out["record"]).read_text())["starts"]
+    assert second["threads"] == first["threads"] and "first start" in second["auto_choices"]["threads"]
+    other = tmp_path / "other"
+    train(_cfg(other, threads=0, seed=1), progress=False, stop_at=20, estimate=True)
+    err = capsys.readouterr().err
+    assert "threads auto -> " in err and "cached" in err and "threads -> " not in err

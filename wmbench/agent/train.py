@@ -121,6 +121,8 @@ def _train_locked(cfg: TrainConfig, t_start: float, show_progress: bool, stop_at
     run = Run.start(cfg)                                   # fresh, or resumed from the newest checkpoint
     cfg, p = run.cfg, run.progress
     measure_threads = run.device.type == "cpu" and not cfg.threads
+    if measure_threads and reuse_threads(run):
+        measure_threads = False
     if estimate and p.step < cfg.steps:
         run.estimate = plan(run, measure_threads).s_per_update
     elif measure_threads:
@@ -417,6 +419,32 @@ def banner(cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
+def _threads_choice(run: Run) -> str:
+    """The choice cache's key for the thread count: it depends on the model and the cores we may use."""
+    import hashlib
+    from wmbench.agent.estimate import usable_cores
+    model = hashlib.sha256(json.dumps(run.mcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"threads|{usable_cores()} cores|model {model}"
+
+
+def reuse_threads(run: Run) -> bool:
+    """An automatic thread count made before is used again, not measured again: a resumed run's first
+    start's, else this machine's for this model (wmbench/core/choices.py). True if one was set."""
+    from wmbench.core.choices import lookup
+    first = run.progress.starts[0] if run.progress.starts else {}
+    if "threads" in first.get("auto_choices", {}) and isinstance(first.get("threads"), int):
+        n, why = first["threads"], "the choice of this run's first start, kept on resume"
+    else:
+        hit = lookup(_threads_choice(run), run.device)
+        if hit is None or not isinstance(hit[0], int) or hit[0] < 1:
+            return False
+        n, why = hit
+    torch.set_num_threads(n)
+    run.cfg.auto_choices["threads"] = f"{n}, {why}"
+    print(f"  threads auto -> {n}: {why}", file=sys.stderr)
+    return True
+
+
 def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
     """Measure seconds per update (and, on CPU without --threads, the thread count to use); print it."""
     cfg = run.cfg
@@ -430,6 +458,8 @@ def plan(run: Run, measure_threads: bool) -> UpdateEstimate:
         at = "the full batch" if est.threads_at == 1.0 else f"{est.threads_at:g} of the batch"
         cfg.auto_choices["threads"] = f"{est.threads}, the fastest update at {at} ({timings})"
         print(f"  threads -> {est.threads} (one update at {at}: {timings})", file=sys.stderr)
+        from wmbench.core.choices import remember
+        remember(_threads_choice(run), run.device, est.threads, f"the fastest update at {at} ({timings})")
     n_left = updates_left(cfg, run.progress.step)
     largest = max(est.by_fraction) if est.by_fraction else 1.0
     basis = "timed at the full batch" if largest == 1.0 else f"extrapolated from batch fractions up to {largest:g}"

@@ -36,19 +36,31 @@ def _load() -> dict:
         return {}
 
 
-def cached(choice: str, device: torch.device, measure: Callable[[], tuple]) -> tuple:
-    """(value, why) of `choice` on this machine: from the cache, or `measure()`d and stored."""
-    key = f"{choice}|{machine_key(device)}"
-    entry = _load().get(key)
+def lookup(choice: str, device: torch.device) -> tuple | None:
+    """(value, why) of `choice` on this machine if the cache holds it, else None."""
+    entry = _load().get(f"{choice}|{machine_key(device)}")
     if isinstance(entry, dict) and "value" in entry and isinstance(entry.get("why"), str):
         return entry["value"], f"{entry['why']} (cached {entry.get('at', '?')}, {cache_path()})"
-    value, why = measure()
+    return None
+
+
+def remember(choice: str, device: torch.device, value, why: str) -> None:
+    """Store a measured choice; a cache that cannot be written is not an error (the choice still stands)."""
+    from wmbench.core.records import atomic_write_text
     table = _load()
-    table[key] = {"value": value, "why": why,
-                  "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    table[f"{choice}|{machine_key(device)}"] = {
+        "value": value, "why": why, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
-        from wmbench.core.records import atomic_write_text
         atomic_write_text(cache_path(), json.dumps(table, indent=1))
     except OSError:
         pass          # a read-only home: the choice is still made, only not remembered
+
+
+def cached(choice: str, device: torch.device, measure: Callable[[], tuple]) -> tuple:
+    """(value, why) of `choice` on this machine: from the cache, or `measure()`d and stored."""
+    hit = lookup(choice, device)
+    if hit is not None:
+        return hit
+    value, why = measure()
+    remember(choice, device, value, why)
     return value, why
