@@ -165,6 +165,18 @@ def _check_sizes(backbones, d_model, n_layers, **options) -> None:
             wmbench.create_backbone(b, d_model, n_layers, **options)
 
 
+def _add_doctor(sub):
+    p = sub.add_parser("doctor", help="what this machine has and what wmbench will use: device, bf16, "
+                                      "threads, allocator, optional CUDA kernels")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(a) -> int:
+    from wmbench.harness.doctor import doctor_lines
+    print("\n".join(doctor_lines()))
+    return 0
+
+
 def _add_list(sub):
     p = sub.add_parser("list", help="registered backbones, tasks, games and presets")
     p.set_defaults(func=_cmd_list)
@@ -421,7 +433,7 @@ def _add_sweep(sub):  # grids of runs: wmbench/sweep/
     add_parser(sub, build_parser)     # the sweep checks each run's options with the real parser
 
 
-COMMANDS = [_add_run, _add_atari, _add_bench, _add_sweep, _add_report, _add_imagine, _add_list]
+COMMANDS = [_add_run, _add_atari, _add_bench, _add_sweep, _add_report, _add_imagine, _add_list, _add_doctor]
 
 
 class _Parser(argparse.ArgumentParser):
