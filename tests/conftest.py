@@ -109,3 +109,25 @@ def check_backbone_contract(bb: torch.nn.Module, x: torch.Tensor, split: int, sp
 def backbone_contract():
     """The contract check as a fixture (session-scoped, so it is allowed inside @given tests)."""
     return check_backbone_contract
+
+
+# --------------------------------------------------------------------------------------------
+# gradients of the scan ops against their naive recurrences
+# --------------------------------------------------------------------------------------------
+
+def grads_of_random_projection(fn, inputs, seed: int = 1):
+    """d/d inputs of sum(out * W) over every output of fn(*inputs) (an output and a state, the state a
+    tensor or a tuple of them), W fixed random weights: one scalar that reaches every output. W is drawn
+    in float64 and cast, so inputs of any dtype get the same projection."""
+    inputs = [x.clone().requires_grad_(True) for x in inputs]
+    out, state = fn(*inputs)
+    outs = (out, *state) if isinstance(state, (tuple, list)) else (out, state)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.fixture(scope="session")
+def grads():
+    """grads(fn, inputs): grads_of_random_projection, for the scan ops' gradient tests."""
+    return grads_of_random_projection

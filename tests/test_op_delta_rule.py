@@ -85,24 +85,15 @@ def test_step_matches_chunked():
     assert max_err(torch.stack(os, 1), o) <= 1e-6 and max_err(state, s) <= 1e-6
 
 
-def _grads(fn, inputs, seed=1):
-    inputs = [x.clone().requires_grad_(True) for x in inputs]
-    o, s = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() \
-        + (s * torch.randn(s.shape, generator=gen, dtype=s.dtype)).sum()
-    return torch.autograd.grad(loss, inputs)
-
-
 @pytest.mark.parametrize("strong", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 5, 16])
-def test_gradients_match_naive(chunk, strong):
+def test_gradients_match_naive(chunk, strong, grads):
     q, k, v, g, beta, s0 = make_inputs(t=14, seed=7)
     if strong:                                                        # every other token decays by e^-20
         g = torch.where(torch.arange(14)[:, None] % 2 == 0, torch.full_like(g, -20.0), g)
     inputs = (q, k, v, g, beta, s0)
-    ref = _grads(lambda q, k, v, g, beta, s0: naive_gated_delta_rule(q, k, v, g, beta, state=s0), inputs)
-    got = _grads(lambda q, k, v, g, beta, s0: gated_delta_rule(q, k, v, g, beta, state=s0, chunk_size=chunk),
+    ref = grads(lambda q, k, v, g, beta, s0: naive_gated_delta_rule(q, k, v, g, beta, state=s0), inputs)
+    got = grads(lambda q, k, v, g, beta, s0: gated_delta_rule(q, k, v, g, beta, state=s0, chunk_size=chunk),
                  inputs)
     for name, a, b in zip("q k v g beta state".split(), ref, got):
         assert max_err(a, b) / a.abs().max().item() <= 1e-6, (chunk, name)

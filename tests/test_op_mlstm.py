@@ -125,17 +125,8 @@ def test_step_fp32_and_bf16():
     assert hb.dtype == torch.bfloat16 and C.dtype == torch.float32
 
 
-def _grads(fn, inputs, seed=1):
-    inputs = [t.clone().requires_grad_(True) for t in inputs]
-    h, state = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)
-    outs = (h, *state)
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
-    return torch.autograd.grad(loss, inputs)
-
-
 @pytest.mark.parametrize("init", [True, False])
-def test_gradients_match_naive(init):
+def test_gradients_match_naive(init, grads):
     q, k, v, i, f, s0 = make_inputs(T=14, seed=3, init=init)
     inputs = [q, k, v, i, f] + (list(s0) if init else [])
     names = "q k v i_pre f_pre C0 n0 m0".split()
@@ -143,20 +134,20 @@ def test_gradients_match_naive(init):
     def state_of(rest):
         return tuple(rest) if rest else None
 
-    ref = _grads(lambda q, k, v, i, f, *s: naive_mlstm(q, k, v, i, f, state=state_of(s)), inputs)
+    ref = grads(lambda q, k, v, i, f, *s: naive_mlstm(q, k, v, i, f, state=state_of(s)), inputs)
     for chunk in (3, 8, 14):
-        got = _grads(lambda q, k, v, i, f, *s: mlstm(q, k, v, i, f, state=state_of(s), chunk_size=chunk), inputs)
+        got = grads(lambda q, k, v, i, f, *s: mlstm(q, k, v, i, f, state=state_of(s), chunk_size=chunk), inputs)
         for name, a, b in zip(names, ref, got):
             assert torch.isfinite(b).all(), (chunk, name)
             assert max_err(a, b) <= 1e-6 * a.abs().max().item(), (chunk, name)
 
 
-def test_step_gradients_match_naive():
+def test_step_gradients_match_naive(grads):
     q, k, v, i, f, s0 = make_inputs(T=1, seed=4)
     inputs = [q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], *s0]
-    ref = _grads(lambda q, k, v, i, f, *s: (lambda h, st: (h[:, 0], st))(
+    ref = grads(lambda q, k, v, i, f, *s: (lambda h, st: (h[:, 0], st))(
         *naive_mlstm(q[:, None], k[:, None], v[:, None], i[:, None], f[:, None], state=s)), inputs)
-    got = _grads(lambda q, k, v, i, f, *s: mlstm_step(q, k, v, i, f, s), inputs)
+    got = grads(lambda q, k, v, i, f, *s: mlstm_step(q, k, v, i, f, s), inputs)
     for a, b in zip(ref, got):
         assert max_err(a, b) <= 1e-9 * a.abs().max().item()
 

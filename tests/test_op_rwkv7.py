@@ -103,22 +103,14 @@ def test_step_matches_chunked(dtype, tol):
 # gradients
 # ----------------------------------------------------------------------------------------------
 
-def _grads(fn, inputs, seed=1):
-    inputs = [x.clone().requires_grad_(True) for x in inputs]
-    o, S = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)     # the same weights whatever the dtype
-    loss = (o * torch.randn(o.shape, generator=gen, dtype=F64).to(o.dtype)).sum() \
-        + (S * torch.randn(S.shape, generator=gen, dtype=F64).to(S.dtype)).sum()
-    return torch.autograd.grad(loss, inputs)
-
 
 @pytest.mark.parametrize("kind", ["rwkv", "general"])
 @pytest.mark.parametrize("T,chunk", [(16, 8), (19, 4), (19, 16), (5, 64)])
-def test_gradients_match_naive(kind, T, chunk):
+def test_gradients_match_naive(kind, T, chunk, grads):
     (r, w, k, v, a, b), S0 = make_inputs(T=T, kind=kind, seed=T + chunk)
     inputs = (r, w, k, v, a, b, S0)
-    ref = _grads(naive_rwkv7, inputs)
-    got = _grads(lambda *x: rwkv7(*x, chunk_size=chunk), inputs)
+    ref = grads(naive_rwkv7, inputs)
+    got = grads(lambda *x: rwkv7(*x, chunk_size=chunk), inputs)
     for name, g0, g1 in zip("r w k v a b state".split(), ref, got):
         assert max_err(g1, g0) <= 1e-6 * g0.abs().max().item(), name
 
@@ -152,7 +144,7 @@ def test_bf16_inputs_keep_a_float32_state():
 
 @pytest.mark.parametrize("kind", ["rwkv", "general"])
 @pytest.mark.parametrize("w_strong", [-20.0, -60.0])
-def test_strong_decay_is_finite_and_exact(kind, w_strong):
+def test_strong_decay_is_finite_and_exact(kind, w_strong, grads):
     # w = -20 per step on half the channels and tokens, next to slow ones: exp(20 * chunk) would overflow
     (r, w, k, v, a, b), S0 = make_inputs(T=70, K=8, kind=kind, w_min=-0.5, seed=7)
     strong = torch.rand(w.shape, generator=torch.Generator().manual_seed(8), dtype=F64) < 0.5
@@ -165,9 +157,9 @@ def test_strong_decay_is_finite_and_exact(kind, w_strong):
     assert max_err(o32.double(), o0) <= 1e-4 * o0.abs().max().item()
     assert max_err(S32.double(), S_ref) <= 1e-4 * S_ref.abs().max().item()
     # gradients: float64 exact, float32 finite and close
-    ref = _grads(naive_rwkv7, inputs)
-    g64 = _grads(lambda *x: rwkv7(*x, chunk_size=64), inputs)
-    g32 = _grads(lambda *x: rwkv7(*x, chunk_size=64), [x.float() for x in inputs])
+    ref = grads(naive_rwkv7, inputs)
+    g64 = grads(lambda *x: rwkv7(*x, chunk_size=64), inputs)
+    g32 = grads(lambda *x: rwkv7(*x, chunk_size=64), [x.float() for x in inputs])
     for name, g0, g1, g2 in zip("r w k v a b state".split(), ref, g64, g32):
         scale = g0.abs().max().item()
         assert max_err(g1, g0) <= 1e-6 * scale, name

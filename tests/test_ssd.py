@@ -102,20 +102,11 @@ def test_splitting_the_sequence_continues_the_state():
     assert (torch.cat([ya, yb], 1) - y).abs().max() <= 1e-10 and (sb - s).abs().max() <= 1e-10
 
 
-def _grads(fn, inputs, seed=1):
-    inputs = [t.clone().requires_grad_(True) for t in inputs]
-    y, s = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum() \
-        + (s * torch.randn(s.shape, generator=gen, dtype=s.dtype)).sum()
-    return torch.autograd.grad(loss, inputs)
-
-
-def test_gradients_match_naive_and_agree_across_chunk_sizes():
+def test_gradients_match_naive_and_agree_across_chunk_sizes(grads):
     inputs = make_inputs(l=14)
-    ref = _grads(lambda x, dt, A, B, C, D, h0: naive_ssd(x, dt, A, B, C, D, h0), inputs)
+    ref = grads(lambda x, dt, A, B, C, D, h0: naive_ssd(x, dt, A, B, C, D, h0), inputs)
     for chunk in (1, 3, 8, 14, 32):
-        got = _grads(lambda x, dt, A, B, C, D, h0: ssd_scan(x, dt, A, B, C, chunk, D=D, initial_states=h0,
+        got = grads(lambda x, dt, A, B, C, D, h0: ssd_scan(x, dt, A, B, C, chunk, D=D, initial_states=h0,
                                                             kernel="torch"), inputs)
         for name, a, b in zip("x dt A B C D h0".split(), ref, got):
             assert (a - b).abs().max() <= 1e-9, (chunk, name)
