@@ -21,7 +21,8 @@ NAMES = wmbench.list_backbones()
 
 
 def test_builtins_are_registered():
-    assert {"mamba", "mamba2", "gru", "transformer"} <= set(NAMES)
+    from wmbench.core.registry import BUILTIN_BACKBONES
+    assert set(BUILTIN_BACKBONES) <= set(NAMES) and len(BUILTIN_BACKBONES) == 8
 
 
 def _accepts(name: str) -> set[str] | None:
@@ -62,6 +63,15 @@ def sizes_and_options(draw, name: str):
     elif name == "mamba":
         d_model = draw(st.integers(2, 16))
         opts.update(d_state=draw(st.sampled_from([4, 8])), chunk_size=draw(st.sampled_from([None, 2, 4, 8])))
+    elif name == "mlstm":
+        d_model = draw(st.integers(2, 16))
+        heads = draw(st.sampled_from([1, 2, 4]))
+        opts.update(num_heads=heads, round_to=8 * heads,   # heads of a multiple of 8 channels: 4x4 qkv blocks
+                    conv_size=draw(st.integers(1, 4)), chunk_size=draw(st.sampled_from([2, 3, 64])))
+    elif name == "gated_deltanet":
+        d_model = draw(st.integers(2, 16))
+        opts.update(num_heads=draw(st.sampled_from([None, 1, 2, 3])), expand_v=draw(st.sampled_from([1, 2])),
+                    conv_size=draw(st.integers(1, 4)), chunk_size=draw(st.sampled_from([None, 1, 3, 4, 8])))
     else:  # gru, and third-party backbones with only the uniform options
         d_model = draw(st.integers(2, 16))
     return d_model, _only_accepted(name, opts)
@@ -105,7 +115,9 @@ def test_gradient_reaches_every_parameter(name):
 def _fixed_sizes(name: str) -> tuple[int, dict]:
     opts = {"transformer": {"n_heads": 2, "max_len": 32, "dropout": 0.1},
             "mamba2": {"headdim": 8, "d_state": 8, "chunk_size": 4},
-            "mamba": {"d_state": 8, "chunk_size": 4}}.get(name, {})
+            "mamba": {"d_state": 8, "chunk_size": 4},
+            "mlstm": {"round_to": 16, "chunk_size": 4},
+            "gated_deltanet": {"chunk_size": 4}}.get(name, {})
     return 16, _only_accepted(name, opts)
 
 

@@ -44,9 +44,9 @@ def test_packaged_sweeps_expand_to_the_papers_grids():
     assert sizes["paper-table1"] == 26 * 5
     assert sizes["paper-dfs-ablation"] == 26 * 5 * 2
     assert sizes["paper-mamba-vs-mamba2"] == 2 * 4 * 5
-    assert sizes["paper-gridworld"] == 4 * 2 * 3
+    assert sizes["paper-gridworld"] == 8 * 2 * 3
     assert sizes["cpu-smoke"] == 2 * 2 * 2 + 2
-    assert sizes["cpu-grid-memory"] == 2 * 4 + 3 * 2   # seed 0 everywhere, seeds 1-2 of agent_once
+    assert sizes["cpu-grid-memory"] == 2 * 8 + 3 * 2   # seed 0 everywhere, seeds 1-2 of agent_once
     # the DFS half of the ablation is the same runs as Table 1 (same keys), so they are not run twice
     t1 = {r.key for r in load_spec("paper-table1").expand()}
     abl = load_spec("paper-dfs-ablation").expand()

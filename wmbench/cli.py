@@ -10,6 +10,7 @@ import sys
 
 from wmbench.core import allocator, argtypes
 from wmbench.core.errors import one_line
+from wmbench.core.registry import BUILTIN_BACKBONES
 
 
 def _csv(kind):
@@ -45,7 +46,7 @@ def _given(value) -> bool:
 def _add_bench(sub):
     p = sub.add_parser("bench", help="fwd+bwd time, memory, FLOPs and step latency per backbone and length",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbones", type=_csv(str), default=_default(["mamba", "mamba2", "gru", "transformer"]),
+    p.add_argument("--backbones", type=_csv(str), default=_default(list(BUILTIN_BACKBONES)),
                    help="comma-separated backbone names")
     p.add_argument("--len", dest="lengths", type=_csv(int), default=_default([208, 1664]),
                    help="sequence lengths (with --peers: each pair's own unless given)")
@@ -77,8 +78,12 @@ def _add_bench(sub):
     p.add_argument("--peers", nargs="?", const="all", metavar="PAIRS",
                    help="installed peer implementations side by side with ours at the same shapes: mambapy and "
                         "transformers' Mamba (with mambapy's scan, and its default sequential loop) vs our mamba, "
-                        "transformers' Mamba2 vs our mamba2, mamba-ssm's ssd_minimal_discrete vs our SSD op; all, "
-                        "or a comma-separated subset of mambapy, hf-mamba, hf-mamba-seq, hf-mamba2, ssd-minimal "
+                        "transformers' Mamba2 vs our mamba2, mamba-ssm's ssd_minimal_discrete vs our SSD op; "
+                        "fla's Gated DeltaNet (naive reference op) and transformers' Qwen3-Next GatedDeltaNet vs "
+                        "our gated_deltanet, fla's RWKV-7 (naive reference op) vs our rwkv7, xlstm's mLSTM stack "
+                        "and xLSTM-Large's mLSTM layer vs our mlstm, mamba3 (no installed CPU peer); all, or a "
+                        "comma-separated subset of mambapy, hf-mamba, hf-mamba-seq, hf-mamba2, ssd-minimal, "
+                        "fla-gdn, hf-gdn, fla-rwkv7, xlstm, xlstm-large, mamba3 "
                         "(--backbones, --dtype, --contexts do not apply)")
     p.set_defaults(func=_cmd_bench)
 

@@ -58,6 +58,10 @@ class Registry:
         return self._factories[key]
 
 
+# The built-in backbones in the order tables, plots and default benchmarks list them: Drama's Mamba-2
+# first, the 2023-2024 baselines, then the 2026 delta-rule and gated linear recurrences.
+BUILTIN_BACKBONES = ("mamba2", "mamba", "gru", "transformer", "gated_deltanet", "mlstm", "rwkv7", "mamba3")
+
 BACKBONES = Registry("backbone", "wmbench.backbones", "wmbench.backbones")
 TASKS = Registry("task", "wmbench.tasks", "wmbench.tasks")
 

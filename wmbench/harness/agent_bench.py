@@ -27,7 +27,7 @@ import torch
 from wmbench.core import allocator
 from wmbench.core.errors import UserError
 from wmbench.core.measure import PeakMemory, median, metric
-from wmbench.core.registry import BACKBONES
+from wmbench.core.registry import BACKBONES, BUILTIN_BACKBONES
 from wmbench.harness.cells import matmul_peak, run_cell_subprocess, save_cells_record, tick
 
 PHASES = ("wm_update", "imagine_context", "imagine_rollout", "ac_update")
@@ -35,7 +35,7 @@ PHASES = ("wm_update", "imagine_context", "imagine_rollout", "ac_update")
 
 @dataclass
 class AgentBenchConfig:
-    backbones: list[str] = field(default_factory=lambda: ["mamba2", "mamba", "gru", "transformer"])
+    backbones: list[str] = field(default_factory=lambda: list(BUILTIN_BACKBONES))
     size: str = "cpu"
     device: str = "cpu"
     threads: int = 0              # torch CPU threads in each cell (0: torch's default)

@@ -14,7 +14,7 @@ import torch
 from wmbench.core import allocator
 from wmbench.core.errors import UserError
 from wmbench.core.measure import PeakMemory, median, metric, time_calls
-from wmbench.core.registry import BACKBONES, create_backbone
+from wmbench.core.registry import BACKBONES, BUILTIN_BACKBONES, create_backbone
 from wmbench.harness.cells import matmul_peak, run_cell_subprocess, save_cells_record, tick
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -22,7 +22,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class BenchConfig:
-    backbones: list[str] = field(default_factory=lambda: ["mamba", "mamba2", "gru", "transformer"])
+    backbones: list[str] = field(default_factory=lambda: list(BUILTIN_BACKBONES))
     lengths: list[int] = field(default_factory=lambda: [208, 1664])
     batch_size: int = 16
     d_model: int = 512

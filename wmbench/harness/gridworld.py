@@ -136,18 +136,21 @@ class RunConfig:
 # command-line values always win.
 # `cpu`: small models (d_model 64) that fit the 5-minute CPU budget. Mamba-2 uses headdim 16 (8 heads of
 #   the 128 inner channels; the default headdim 128 leaves a single head, which learned the dynamics far
-#   slower in our runs); the transformer uses 4 heads of width 16 for the same reason.
+#   slower in our runs); the transformer uses 4 heads of width 16 for the same reason. Mamba-3 takes
+#   Mamba-2's head dim and state size (d_state 16 where its own default is 128), as in the world model.
 # `paper`: the paper's model scale (Drama's sequence model: d_model 512, 2 layers, Mamba-2 headdim 64 =
 #   16 heads, chunk 256). The paper does not state the grid-world batch, step count or learning rate:
 #   those are our choices for a GPU run.
 PRESETS: dict[str, dict] = {
-    "cpu": dict(backbone_options={"mamba2": {"headdim": 16}, "transformer": {"n_heads": 4}},
+    "cpu": dict(backbone_options={"mamba2": {"headdim": 16}, "transformer": {"n_heads": 4},
+                                  "mamba3": {"headdim": 16, "d_state": 16}},
                 # at lr 6e-3 the transformer stalled far above the floor (53% error at L=208, 3 seeds);
                 # seed 0 at L=208: lr 3e-3 -> 28%, 1e-3 -> 6%
                 backbone_config={"transformer": {"lr": 1e-3}}),
     "paper": dict(d_model=512, n_layers=2, batch_size=16, steps=5000, lr=1e-3, warmup=200,
                   eval_sequences=512, eval_batch=128, timed_steps=100, imagine_frames=16, threads=0,
-                  backbone_options={"mamba2": {"headdim": 64, "chunk_size": 256}}),
+                  backbone_options={"mamba2": {"headdim": 64, "chunk_size": 256},
+                                    "mamba3": {"headdim": 64, "d_state": 16}}),
 }
 
 
@@ -323,6 +326,7 @@ def _train_and_evaluate(cfg: RunConfig, task, n_frames: int, progress: bool) -> 
         "tokens_per_s": metric(tokens_per_step / (ms / 1e3), "tokens/s", "batch_size*seq_len / train_ms_per_step"),
         "peak_memory": metric(mem.peak_bytes, "bytes", mem.method + " (whole training loop)"),
         "n_params": metric(n_params, "parameters", "embedding + backbone + head"),
+        "backbone_params": metric(model.backbone.n_params, "parameters", "the backbone alone"),
         "final_loss": metric(float(np.mean(tail)), "nats/token",
                              f"mean training cross-entropy on grid tokens over the last {len(tail)} steps"),
         "train_time": metric(train_s, "s", "wall-clock of the training loop incl. data and progress bar"),

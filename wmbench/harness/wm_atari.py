@@ -367,6 +367,7 @@ def train_and_evaluate(cfg: AtariWMConfig, ds, progress: bool = True) -> tuple[d
             "batches_sha256": metric(batches_sha, "sha256", "of the (steps, batch) window starts: equal for every "
                                      "backbone of a seed"),
             "n_params": metric(wm.param_counts()["total"], "parameters", "world model"),
+            "backbone_params": metric(wm.param_counts()["backbone"], "parameters", "the backbone alone"),
             "threads": metric(torch.get_num_threads(), "threads", "torch.get_num_threads() during the cell"),
         }
         metrics.update(evaluate(wm, ds, validation_starts(cfg, val_eps), cfg))

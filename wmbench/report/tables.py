@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wmbench.core.registry import BUILTIN_BACKBONES
 from wmbench.core.records import atomic_write_bytes, atomic_write_text, load_records, scientific_config
 
-ORDER = ["mamba2", "mamba", "gru", "transformer"]
+ORDER = list(BUILTIN_BACKBONES)
 GIB8 = 8 * 2**30  # the paper reports memory as % of an 8 GB GPU
 
 

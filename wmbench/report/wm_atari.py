@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-BACKBONE_ORDER = ("mamba2", "mamba", "gru", "transformer")
+from wmbench.core.registry import BUILTIN_BACKBONES
+
+BACKBONE_ORDER = BUILTIN_BACKBONES
 
 
 def _cell_key(rec: dict) -> tuple:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # Which DramaConfig fields each built-in backbone understands (the rest are not passed to it).
 BACKBONE_FIELDS = {
@@ -24,6 +24,10 @@ BACKBONE_FIELDS = {
     "mamba2": ("d_state", "headdim"),
     "transformer": ("n_heads",),
     "gru": (),
+    "gated_deltanet": (),
+    "mlstm": (),
+    "rwkv7": (),
+    "mamba3": ("d_state", "headdim"),
 }
 
 MODES = {
@@ -142,6 +146,9 @@ class DramaConfig:
     lambda_return: str = "dreamerv3"  # bootstrap with V(s_{t+1}); "storm" = the code's V(s_t)
     critic_target: str = "dreamerv3"  # regularise toward slow critic's V; "storm": toward slow λ-return
     actor_input_norm: bool = False    # code: running mean/var normalisation of [z, d], clipped at ±10
+    # per-backbone constructor options of this preset, under the user's `backbone_options`: where a
+    # backbone's defaults would miss Mamba-2's parameter count by more than 10% (tests/test_param_match.py)
+    BACKBONE_DEFAULTS: ClassVar[dict] = {}
 
     def __post_init__(self):
         for k in ("enc_filters", "enc_strides", "return_percentiles"):
@@ -211,6 +218,7 @@ class DramaConfig:
         kw: dict[str, Any] = {"dropout": self.dropout}
         for k in BACKBONE_FIELDS.get(self.backbone.lower(), ()):
             kw[k] = getattr(self, k)
+        kw.update(self.BACKBONE_DEFAULTS.get(self.backbone.lower(), {}))
         kw.update(self.backbone_options)
         return kw
 
@@ -301,6 +309,7 @@ class Tiny(DramaConfig):
     act_context: int = 4
     actor_hidden: int = 32
     critic_hidden: int = 32
+    BACKBONE_DEFAULTS: ClassVar[dict] = {"mlstm": {"num_heads": 1}}   # 4 heads' gates: +22% at d_model 32
     wm_lr: float = 3e-4
     ac_lr: float = 3e-4
     wm_warmup: int = 10

@@ -138,12 +138,14 @@ class WorldModel(TrainState, nn.Module):
 
     # --- parameter accounting ---
     def param_counts(self) -> dict:
-        """Parameters per component (the official code's grouping; 'sequence_model' = stem + backbone)."""
+        """Parameters per component (the official code's grouping; 'sequence_model' = stem + backbone),
+        the total, and the backbone's own count."""
         n = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())
         parts = {"encoder": n(self.encoder), "dist_heads": n(self.post_head, self.prior_head),
                  "decoder": n(self.decoder), "reward_head": n(self.reward_head),
                  "termination_head": n(self.term_head), "sequence_model": n(self.stem, self.backbone)}
         parts["total"] = sum(parts.values())
+        parts["backbone"] = n(self.backbone)      # of which the backbone alone (the count presets match)
         return parts
 
     @property
