@@ -13,14 +13,25 @@ Pairs (each peer is optional: one that cannot be imported is listed as "not inst
     hf-mamba2     transformers' Mamba2Model, its PyTorch path (chunked SSD)    vs our `mamba2` backbone
     ssd-minimal   mamba-ssm's ssd_minimal_discrete (the paper's Listing 1)    vs our chunked SSD (ssd_scan)
 
+and the linear-recurrence pairs, in wmbench/harness/peers_linear.py (its docstring says how each runs on a CPU):
+
+    fla-gdn       fla's Gated DeltaNet layer math around fla's naive_chunk_gated_delta_rule vs our gated_deltanet
+    hf-gdn        transformers' Qwen3NextGatedDeltaNet layers, PyTorch path            vs our gated_deltanet
+    fla-rwkv7     fla's RWKV7Attention layer math around fla's dplr_chunkwise           vs our rwkv7
+    xlstm         xlstm's xLSTMBlockStack of mLSTM blocks (parallel cell, quadratic)    vs our mlstm
+    xlstm-large   xLSTM-Large's mLSTMLayer, mlstm_kernels chunkwise--native_autograd   vs our mlstm
+    mamba3        listed as "no installed CPU peer"                                     (our mamba3)
+
+A pair whose side of ours is not registered in this wmbench is listed as skipped, with the reason.
+
 The model pairs time fwd+bwd of an n_layers stack at width d_model on a (B, L, d_model) input; the SSD
 pair times the scan alone (fwd+bwd with respect to x, dt, A, B, C), heads = expand*d_model/headdim.
 Every implementation runs in its own fresh process (wmbench/harness/cells.py): its peak memory (RSS
 sampling) is its own and an out-of-memory kill costs one cell. A cell whose estimated memory exceeds
 what is available is skipped with the reason instead of run. Weights differ between implementations, so
 outputs are not compared, except for the SSD op, which is the same function of the same inputs: its
-agreement with ours is checked on a small input. Every cell records its output shape and whether the
-output was finite.
+agreement with ours is checked on a small input (as is the recurrence alone of each linear-recurrence
+peer). Every cell records its output shape and whether the output was finite.
 
 mamba-ssm's package __init__ imports its CUDA extensions, so its ssd_minimal.py is loaded by path
 (`load_ssd_minimal`) without executing the package; the file's one import of the Triton kernel (used only
@@ -42,6 +53,7 @@ import torch
 from wmbench.core import allocator
 from wmbench.core.errors import UserError
 from wmbench.core.measure import PeakMemory, median, metric, time_calls
+from wmbench.harness import peers_linear
 from wmbench.harness.cells import run_cell_subprocess, save_cells_record, tick
 
 HEADDIM, D_STATE, EXPAND = 128, 16, 2      # our mamba2 defaults (and mamba's d_state, expand)
@@ -73,6 +85,7 @@ PAIRS: dict[str, Pair] = {
                       "Mamba-2 stack, fwd+bwd: transformers Mamba2Model on inputs_embeds (PyTorch path) vs our mamba2"),
     "ssd-minimal": Pair("ours:ssd", "ssd-minimal", "mamba-ssm", 16, 1664,
                         "SSD op alone, fwd+bwd: mamba-ssm ssd_minimal_discrete vs our chunked ssd_scan"),
+    **{name: Pair(*spec) for name, spec in peers_linear.SPECS.items()},
 }
 
 
@@ -261,6 +274,8 @@ def probe_peer(pair: str) -> dict:
     """Is the peer of `pair` here? Cheap (finds it, imports nothing): {"name", "version"}; PeerUnavailable
     with the reason if not. The cell's real import can still fail: it reports that as not installed too."""
     p = PAIRS[pair]
+    if pair in peers_linear.SPECS:
+        return peers_linear.probe(pair)
     if pair == "ssd-minimal":
         path = ssd_minimal_path()
         _find("einops")   # the file's one dependency besides torch
@@ -380,6 +395,8 @@ def _build(impl: str, cfg: PeersConfig, B: int, L: int, dev):
     """(module or None, the inputs needing grads, forward() -> output, finish() -> info dict)."""
     from wmbench.core.registry import create_backbone
     no_info = dict
+    if impl in peers_linear.IMPLS or impl in peers_linear.OURS:
+        return peers_linear.build(impl, cfg, B, L, dev)
     if impl in ("ours:mamba", "ours:mamba2"):
         model = create_backbone(impl.split(":")[1], cfg.d_model, cfg.n_layers).to(dev)
         x = torch.randn(B, L, cfg.d_model, device=dev)
@@ -472,6 +489,8 @@ def run_cell(cfg: PeersConfig, impl: str, B: int, L: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def memory_need(impl: str, cfg: PeersConfig, B: int, L: int) -> int:
+    if impl in peers_linear.IMPLS or impl in peers_linear.OURS:
+        return peers_linear.memory_need(impl, cfg, B, L)
     layers = 1 if impl in ("ours:ssd", "ssd-minimal") else cfg.n_layers
     return int(B * L * layers * _bytes_per_token_layer(impl, cfg.d_model))
 
@@ -510,6 +529,8 @@ def run_peers(cfg: PeersConfig, runs_dir="results/runs", progress: bool = True) 
             peers[pair] = {**probe_peer(pair), "status": "ok"}
         except PeerUnavailable as e:
             peers[pair] = {"name": PAIRS[pair].package, "status": "not installed", "reason": str(e)}
+        except peers_linear.OursMissing as e:       # the peer is here, our side is not
+            peers[pair] = {"name": PAIRS[pair].package, "status": "skipped", "reason": str(e)}
     todo = [c for c in _cells(cfg) if peers[c[0]]["status"] == "ok"]     # no peer: nothing to compare
     keys = list(dict.fromkeys((impl, B, L) for _, impl, B, L in todo))   # ours once per shape
     per = cfg.warmup + cfg.iters

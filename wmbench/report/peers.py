@@ -1,9 +1,14 @@
 """`wmbench bench --peers` records: ours and each installed peer implementation at the same shapes."""
 from __future__ import annotations
 
-OURS = {"ours:mamba": "wmbench mamba", "ours:mamba2": "wmbench mamba2", "ours:ssd": "wmbench ssd_scan"}
+OURS = {"ours:mamba": "wmbench mamba", "ours:mamba2": "wmbench mamba2", "ours:ssd": "wmbench ssd_scan",
+        "ours:gated_deltanet": "wmbench gated_deltanet", "ours:rwkv7": "wmbench rwkv7", "ours:mlstm": "wmbench mlstm",
+        "ours:mamba3": "wmbench mamba3"}
 PEER_OBJECT = {"mambapy": "Mamba", "hf-mamba": "MambaModel", "hf-mamba-seq": "MambaModel", "hf-mamba2": "Mamba2Model",
-               "ssd-minimal": "ssd_minimal_discrete"}
+               "ssd-minimal": "ssd_minimal_discrete",
+               "fla-gdn": "GatedDeltaNet math + naive_chunk_gated_delta_rule", "hf-gdn": "Qwen3NextGatedDeltaNet",
+               "fla-rwkv7": "RWKV7Attention math + dplr_chunkwise", "xlstm": "xLSTMBlockStack (mLSTM)",
+               "xlstm-large": "xLSTM-Large mLSTMLayer"}
 COLUMNS = ("pair", "implementation", "B", "L", "fwd+bwd ms", "time vs ours", "peak MB", "memory vs ours",
            "params", "output", "notes")
 
@@ -48,8 +53,9 @@ def peers_markdown(records: list[dict]) -> str:
     lines = ["# Peer implementations (`wmbench bench --peers`)", "",
              "Each implementation at the same shape, each in a fresh process: median fwd+bwd milliseconds after "
              "warm-up, peak memory of the cell (RSS above the start), and both as a ratio to ours (above 1: ours "
-             "is faster / smaller). Weights differ between implementations; the SSD op is the same function of "
-             "the same inputs and its agreement with ours is shown.", ""]
+             "is faster / smaller). Weights differ between implementations; where a peer computes the same function "
+             "as ours (the SSD op; the recurrence inside the Gated DeltaNet, RWKV-7 and mLSTM layers), its "
+             "agreement with ours on a small input is shown.", ""]
     for rec in records:
         c, env = rec["config"], rec["environment"]
         lines += [f"## {env['device_name']}, {env['torch_threads']} threads, d_model {c['d_model']}, "
@@ -63,8 +69,9 @@ def peers_markdown(records: list[dict]) -> str:
                 lines.append(_row(pair, ours_label, entry["batch"], L, cells["ours"]))
                 if peer.get("status") == "ok" and "peer" in cells:
                     lines.append(_row(pair, _peer_label(pair, peer), entry["batch"], L, cells["peer"]))
-            if peer.get("status") != "ok":
-                lines.append(f"| {pair} | {peer.get('name', pair)} | | | not installed: {peer.get('reason', '?')} |"
+            if peer.get("status") != "ok":    # "not installed", or "skipped" (our side is missing)
+                status = peer.get("status") or "not installed"
+                lines.append(f"| {pair} | {peer.get('name', pair)} | | | {status}: {peer.get('reason', '?')} |"
                              + " |" * (len(COLUMNS) - 5))
         lines.append("")
     return "\n".join(lines)
