@@ -15,7 +15,8 @@ import torch
 
 # the optional `cuda` extra: (import name, what it accelerates)
 KERNELS = (("mamba_ssm", "Mamba / Mamba-2 selective scan and SSD"), ("causal_conv1d", "the short causal conv"),
-           ("flash_attn", "the Transformer's attention"))
+           ("flash_attn", "the Transformer's attention"), ("fla", "Gated DeltaNet and RWKV-7 (flash-linear-attention)"),
+           ("mlstm_kernels", "the mLSTM's chunkwise kernel"))
 
 
 def kernel_status(name: str, cuda: bool) -> str:
