@@ -72,6 +72,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from wmbench.backbones.base import MLP, RMSNorm, ResidualBackbone, check_kernel, check_positive
 from wmbench.backbones.ops.cuda import want_cuda
@@ -156,6 +157,7 @@ class _ShiftMix(torch.autograd.Function):
         return tuple(ys)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *dys):
         x, xx, mu, *Ws = ctx.saved_tensors
         dev, enabled, dtype = ctx.autocast
@@ -211,6 +213,7 @@ class _Readout(torch.autograd.Function):
         return y.view(M, H * N).mul_(g)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xh, rstd, r, k, v, g, s, weight, bias, r_k = ctx.saved_tensors
         M, H, N = xh.shape

@@ -55,6 +55,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from wmbench.backbones.ops.delta_rule import unit_lower_inverse
 
@@ -235,6 +236,7 @@ class _ChunkedRWKV7(torch.autograd.Function):
         return o[:, :T], S.view(Bsz, H, V, K)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dS):
         Bsz, T, H, K, V, C, G, cdt, dtypes = ctx.meta
         saved = ctx.saved_tensors
