@@ -44,14 +44,28 @@ def test_default_shapes_fit_in_24_gib():
     assert peers.memory_need("xlstm", cfg, 1, 4000) > 2.5 * peers.memory_need("xlstm", cfg, 1, 2000)
 
 
+def _only_ours_may_run(monkeypatch) -> list:
+    """Cells are faked; a peer's cell fails the test. Returns the list of implementations run."""
+    spawned = []
+
+    def cell(module, payload, on_tick):
+        assert payload["impl"].startswith("ours:"), f"the peer cell {payload['impl']} may not run"
+        spawned.append(payload["impl"])
+        return {"fwd_bwd_time": {"value": 1.0, "unit": "ms"}, "peak_memory": {"value": 1, "unit": "bytes"},
+                "output_shape": [1, 16, 64], "output_finite": True}
+    monkeypatch.setattr(peers, "run_cell_subprocess", cell)
+    return spawned
+
+
 def test_mamba3_has_no_cpu_peer(tmp_path, monkeypatch):
     with pytest.raises(PeerUnavailable, match="no installed CPU peer"):
         peers.probe_peer("mamba3")
-    monkeypatch.setattr(peers, "run_cell_subprocess", lambda *a, **k: pytest.fail("no cell may run"))
+    spawned = _only_ours_may_run(monkeypatch)
     rec, _ = run_peers(PeersConfig(pairs=["mamba3"], lengths=[16], batch_size=1, **TINY), runs_dir=tmp_path,
                        progress=False)
     entry = rec["metrics"]["pairs"]["mamba3"]
-    assert entry["peer"]["status"] == "not installed" and entry["lengths"] == {}
+    assert spawned == ["ours:mamba3"]               # ours alone, to stand beside our Mamba-2
+    assert entry["peer"]["status"] == "not installed" and set(entry["lengths"]["16"]) == {"ours"}
     assert "| mamba3 | mamba-ssm | | | not installed: no installed CPU peer" in peers_markdown([rec])
 
 
@@ -62,7 +76,7 @@ def test_missing_packages_are_listed_not_installed(tmp_path, monkeypatch):
     gone = {"fla", "transformers", "xlstm", "mlstm_kernels"}
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in gone else real(name, *a))
-    monkeypatch.setattr(peers, "run_cell_subprocess", lambda *a, **k: pytest.fail("no cell may run"))
+    spawned = _only_ours_may_run(monkeypatch)
     pairs = ["fla-gdn", "hf-gdn", "fla-rwkv7", "xlstm", "xlstm-large"]
     rec, _ = run_peers(PeersConfig(pairs=pairs, lengths=[16], batch_size=1, **TINY), runs_dir=tmp_path,
                        progress=False)

@@ -531,7 +531,9 @@ def run_peers(cfg: PeersConfig, runs_dir="results/runs", progress: bool = True) 
             peers[pair] = {"name": PAIRS[pair].package, "status": "not installed", "reason": str(e)}
         except peers_linear.OursMissing as e:       # the peer is here, our side is not
             peers[pair] = {"name": PAIRS[pair].package, "status": "skipped", "reason": str(e)}
-    todo = [c for c in _cells(cfg) if peers[c[0]]["status"] == "ok"]     # no peer: nothing to compare
+    # no peer: ours alone is still measured (its time beside our other backbones at the same shape)
+    todo = [c for c in _cells(cfg) if peers[c[0]]["status"] == "ok" or
+            (peers[c[0]]["status"] == "not installed" and c[1] == PAIRS[c[0]].ours)]
     keys = list(dict.fromkeys((impl, B, L) for _, impl, B, L in todo))   # ours once per shape
     per = cfg.warmup + cfg.iters
     bar = tqdm(total=len(keys) * per, desc="bench --peers", disable=not progress, unit="call",
@@ -563,8 +565,12 @@ def run_peers(cfg: PeersConfig, runs_dir="results/runs", progress: bool = True) 
         p = PAIRS[pair]
         B = cfg.shapes[pair]["batch"]
         entry = {"what": p.what, "ours": p.ours, "peer": peers[pair], "batch": B, "lengths": {}}
-        for L in cfg.shapes[pair]["lengths"] if peers[pair]["status"] == "ok" else []:
-            ours, peer = dict(done[p.ours, B, L]), dict(done[p.peer, B, L])
+        for L in cfg.shapes[pair]["lengths"] if peers[pair]["status"] in ("ok", "not installed") else []:
+            ours = dict(done[p.ours, B, L])
+            if peers[pair]["status"] != "ok":
+                entry["lengths"][str(L)] = {"ours": ours}
+                continue
+            peer = dict(done[p.peer, B, L])
             if "not_installed" in peer:   # found, but its import failed in the cell
                 entry["peer"] = {"name": p.package, "status": "not installed", "reason": peer["not_installed"]}
                 entry["lengths"][str(L)] = {"ours": ours}

@@ -74,4 +74,24 @@ def peers_markdown(records: list[dict]) -> str:
                 lines.append(f"| {pair} | {peer.get('name', pair)} | | | {status}: {peer.get('reason', '?')} |"
                              + " |" * (len(COLUMNS) - 5))
         lines.append("")
+        lines += _ours_side_by_side(rec)
     return "\n".join(lines)
+
+
+def _ours_side_by_side(rec: dict) -> list[str]:
+    """Our backbones measured in this run at Mamba-2's shape, as multiples of our Mamba-2's time."""
+    ours: dict[str, tuple] = {}
+    for entry in rec["metrics"]["pairs"].values():
+        for L, cells in entry["lengths"].items():
+            cell = cells.get("ours", {})
+            if "fwd_bwd_time" in cell:
+                ours.setdefault(entry["ours"], (entry["batch"], L, _v(cell, "fwd_bwd_time")))
+    base = ours.get("ours:mamba2")
+    if base is None or len(ours) < 2:
+        return []
+    rows = [f"Our backbones beside our Mamba-2 in this run (B {base[0]}, L {base[1]}; ×: their time over Mamba-2's):",
+            "", "| ours | fwd+bwd ms | × mamba2 |", "|---|---:|---:|"]
+    for impl, (B, L, t) in ours.items():
+        if (B, L) == base[:2]:
+            rows.append(f"| {OURS.get(impl, impl)} | {t:,.0f} | {t / base[2]:.2f}x |")
+    return rows + [""]
