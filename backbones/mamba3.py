@@ -214,9 +214,9 @@ class Mamba3Mixer(nn.Module):
 
     def step(self, u_t: torch.Tensor, state):
         z, x, dt, A, B, C, lam, theta, _ = self._project(u_t)
-        y, new = mamba3_siso_step(x, dt, A, B, C, lam, theta, D=self.D, B_bias=self.B_bias[:, 0],
-                                  C_bias=self.C_bias[:, 0], state=state)
-        return self.out_proj(self._gate(y, z)), tuple(s.copy_(n) for s, n in zip(state, new))
+        y, state = mamba3_siso_step(x, dt, A, B, C, lam, theta, D=self.D, B_bias=self.B_bias[:, 0],
+                                    C_bias=self.C_bias[:, 0], state=state, inplace=True)
+        return self.out_proj(self._gate(y, z)), state
 
 
 @register_backbone("mamba3")

@@ -212,7 +212,9 @@ def test_state_shapes_and_in_place_prefill():
                for layer in state)
     with torch.no_grad():
         _, new = bb.prefill(torch.randn(3, 5, 16), state)
-    assert all(a is b for la, lb in zip(state, new) for a, b in zip(la, lb))   # updated in place
+        assert all(a is b for la, lb in zip(state, new) for a, b in zip(la, lb))   # updated in place
+        _, new = bb.step(torch.randn(3, 16), state)
+        assert all(a is b for la, lb in zip(state, new) for a, b in zip(la, lb))
 
 
 def test_bf16_autocast_runs_and_keeps_fp32_state():

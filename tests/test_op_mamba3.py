@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import wmbench.backbones.ops.mamba3 as m3
 from wmbench.backbones.ops.mamba3 import mamba3_siso, mamba3_siso_step
 from wmbench.backbones.ops.ssd import ssd_chunked_reference
 
@@ -126,6 +127,16 @@ def test_step_matches_naive_and_chunked():
     assert max_err(torch.stack(ys, 1), y0) <= 1e-6 and state_err(state, s0) <= 1e-6
     y1, s1 = op(inputs, 8)
     assert max_err(torch.stack(ys, 1), y1) <= 1e-6 and state_err(state, s1) <= 1e-6
+    # in place: the same numbers, in the given tensors
+    buf = tuple(s.clone() for s in inputs[-1])
+    for t in range(17):
+        args = [v[:, t] if v is not None and v.dim() >= 3 else v for v in inputs[:-1]]
+        y_t, st_t = mamba3_siso_step(*args, state=buf, inplace=True)
+        assert all(a is b for a, b in zip(st_t, buf))
+        assert max_err(y_t, ys[t]) <= 1e-12
+    assert state_err(buf, state) <= 1e-12
+    with pytest.raises(ValueError):
+        mamba3_siso_step(*args, state=tuple(s.float() for s in buf), inplace=True)
 
 
 @pytest.mark.parametrize("strong", [False, True])
@@ -150,6 +161,26 @@ def test_gradients_odd_d_state(grads):
     got = grads(lambda *a: mamba3_siso(*a[:10], state=a[10:], chunk_size=4), inputs)
     for a, b in zip(ref, got):
         assert max_err(a, b) / a.abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("n", [6, 5])
+@pytest.mark.parametrize("heads_per_group", [1, 2, 3])
+def test_head_groups(heads_per_group, n, grads, monkeypatch):
+    """The scan works on groups of heads at a time; groups of 1, 2 and 3 of 4 heads (crossing the 2 B/C
+    groups), for even and odd d_state, give the naive outputs and gradients."""
+    inputs = make_inputs(b=2, t=11, h=4, g=2, n=n, S=2, seed=12)
+    assert m3._groups(4, 2 * 11 * n * 8) == [(0, 4)]                  # the default: all heads at once here
+    monkeypatch.setattr(m3, "GROUP_BYTES", heads_per_group * 2 * 11 * n * 8)
+    assert len(m3._groups(4, 2 * 11 * n * 8)) == -(-4 // heads_per_group)
+    x, dt, A, B, C, lam, theta, D, Bb, Cb, state = inputs
+    flat = (x, dt, A, B, C, lam, theta, D, Bb, Cb, *state)
+    ref = grads(lambda *a: naive_mamba3(*a[:10], state=a[10:]), flat)
+    got = grads(lambda *a: mamba3_siso(*a[:10], state=a[10:], chunk_size=4), flat)
+    for a, b in zip(ref, got):
+        assert max_err(a, b) / a.abs().max().item() <= 1e-6
+    y0, s0 = naive_mamba3(*inputs[:-1], state=inputs[-1])
+    y1, s1 = op(inputs, 4)
+    assert max_err(y1, y0) <= 1e-6 and state_err(s1, s0) <= 1e-6
 
 
 @given(b=st.integers(1, 2), t=st.integers(1, 20), g=st.integers(1, 2), r=st.integers(1, 2), p=st.integers(1, 4),

@@ -40,14 +40,14 @@ equals h, since sg = 0 there.
 
 The chunked algorithm is backbones/ops/ssd.py's (intra-chunk blocks, chunk states, a pass across the
 chunks, state -> output), generalised to per-token decays, weights and diagonal and to per-head k, q,
-in the autograd Function `Mamba3ChunkScan` with a hand-written backward. It runs head by head (the heads
-are independent): that head's k and q (biases added, pairs rotated) are built on the fly from the shared
-B, C, never stored for all heads, and its (Q, Q) blocks and chunk states stay in cache. The pass across
-chunks is, per head, two matmuls with the matrix of chunk-to-chunk decays (as in ssd.py) rather than a
-loop over the chunks, which would cost one op per chunk and head. The cumulative sums of the log decays
-are taken in fp64 (their differences keep full precision). Saved for the backward: the inputs, the
-states entering the chunks and the (Q, Q) decay blocks. The cumulative angles, the shift by sg and the
-entering state are plain autograd around it.
+in the autograd Function `Mamba3ChunkScan` with a hand-written backward. It runs a group of heads at a
+time (the heads are independent): the group's k and q (biases added, pairs rotated as complex numbers)
+are built from the shared B, C and never stored for all heads, and its (Q, Q) blocks and chunk states
+stay in cache. The pass across chunks is two matmuls per group with the matrix of chunk-to-chunk decays
+(as in ssd.py) rather than a loop over the chunks. The cumulative sums of the log decays are taken in
+fp64 (their differences keep full precision). Saved for the backward: the inputs, the states entering
+the chunks and the (Q, Q) decay blocks. The cumulative angles, the shift by sg and the entering state
+are plain autograd around it.
 
 Where this differs from mamba-ssm's references (numerics only, not the math): the cumulative angles are
 summed in fp64 and reduced mod 2 pi before rounding to fp32 (the reference: an fp32 cumsum), and the k and
@@ -105,7 +105,8 @@ def _rotate_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 class Mamba3ChunkScan(torch.autograd.Function):
     """Y, final = the chunked scan of h~_t = exp(a_t) h~_{t-1} + w_t x_t k_t^T and
-    y_t = h~_t q_t - sg_t (q_t.k_t) x_t + D x_t (sg_t = w_t - gamma_t), with k_t = R(Theta_t)(B_t + B_bias) and q_t = R(Theta_t)(C_t + C_bias) per head.
+    y_t = h~_t q_t - sg_t (q_t.k_t) x_t + D x_t (sg_t = w_t - gamma_t), with k_t = R(Theta_t)(B_t + B_bias)
+    and q_t = R(Theta_t)(C_t + C_bias) per head.
 
     Head-major shapes, L a multiple of Q, all contiguous and of one dtype (fp32 or fp64): x (h, b, L, p);
     a, w, gamma (h, b, L); D (h,); B, C (b, L, g, n); B_bias, C_bias (h, n); Theta (h, b, L, S); h0 (b, h, p, n).
@@ -114,12 +115,12 @@ class Mamba3ChunkScan(torch.autograd.Function):
     In a chunk's (Q, Q) block, token l reads token s < l with (q_l . k_s) exp(cs_l - cs_s) w_s and itself
     with (q_l . k_l) gamma_l + D: its own w_l (which holds token l+1's dt and lambda) never enters its
     output, so the outputs are exactly causal, as in mamba-ssm's kernel.
-    The heads are independent, so everything runs one head at a time: a head's k and q are built on the
-    fly from the shared B, C (never stored for all heads; the backward rebuilds them) and its blocks and
-    states stay in cache. Per head the pass across chunks is two matmuls with the (nc+1, nc+1) matrix of
-    chunk-to-chunk decays instead of a loop over the chunks: a few dozen ops per head in all, whatever the
-    batch and length (on a shared CPU every intra-op parallel region waits for all its threads, so the
-    number of ops counts, not only the flops). Saved for the backward: the inputs, the states entering
+    The heads are independent, so all four steps run for a group of heads at a time (_groups: blocks of at
+    most GROUP_BYTES): the group's k and q are built from the shared B, C and dropped (the backward
+    rebuilds them), and its blocks and states stay in cache. Across chunks, two matmuls with the
+    (nc+1, nc+1) matrix of chunk-to-chunk decays replace a loop over the chunks. That keeps the op count
+    to a few dozen per group: on a shared CPU each intra-op parallel region waits for all its threads, so
+    the number of ops counts, not only the flops. Saved for the backward: the inputs, the states entering
     the chunks and the (Q, Q) decay blocks.
     """
 
@@ -449,32 +450,40 @@ def mamba3_siso(x, dt, A, B, C, lam, theta=None, D=None, B_bias=None, C_bias=Non
     return y.to(x.dtype), (angle, final, k_last, x[:, -1].to(sd))
 
 
-def mamba3_siso_step(x, dt, A, B, C, lam, theta=None, D=None, B_bias=None, C_bias=None, state=None):
+def mamba3_siso_step(x, dt, A, B, C, lam, theta=None, D=None, B_bias=None, C_bias=None, state=None,
+                     inplace: bool = False):
     """One token of Mamba-3 SISO (the recurrence itself), for a backbone's `step`.
 
     x (b, h, p); dt, A, lam (b, h); B, C (b, g, n); theta (b, h, S) or None; D (h,); B_bias, C_bias (h, n);
-    state (angle, ssm, k, x) or None. Returns y (b, h, p) in x's dtype and the new state.
+    state (angle, ssm, k, x) or None. Returns y (b, h, p) in x's dtype and the new state. inplace=True
+    updates the given state tensors (fp32, or fp64 for fp64 x) and returns them: no temporary of the
+    state's size (at d_state 128 and batch 1024 the state is over 500 MB a layer).
     """
     b, h, p = x.shape
     h, g, n, S = _check(x, B, C, theta, "mamba3_siso_step")
     sd = _sd(x)
     with torch.autocast(x.device.type, enabled=False):
         if state is None:
-            state = init_state(b, h, p, n, S, sd, x.device)
-        angle, hprev, kprev, xprev = (s.to(sd) for s in state)
+            state, inplace = init_state(b, h, p, n, S, sd, x.device), True
+        if inplace and any(s.dtype != sd for s in state):
+            raise ValueError(f"mamba3_siso_step: an in-place state must be {sd}")
+        angle, H, kprev, xprev = state if inplace else (s.to(sd).clone() for s in state)
         xs, dt, A, lam = (t.to(sd) for t in (x, dt, A, lam))
         k = _per_head(B.to(sd), None if B_bias is None else B_bias.to(sd), h)             # (b, h, n)
         q = _per_head(C.to(sd), None if C_bias is None else C_bias.to(sd), h)
         if S > 0:
-            angle = torch.remainder(angle + theta.to(sd), TWO_PI)
+            angle.add_(theta.to(sd)).remainder_(TWO_PI)
             cos, sin = torch.cos(angle), torch.sin(angle)
             k, q = rotate_pairs(k, cos, sin), rotate_pairs(q, cos, sin)
-        alpha = torch.exp(dt * A)
-        beta = (1 - lam) * dt * alpha
+        alpha = torch.exp(dt * A)[..., None, None]
+        beta = (1 - lam) * dt                       # times alpha, applied with the decay below
         gamma = lam * dt
-        hn = (alpha[..., None, None] * hprev + beta[..., None, None] * xprev[..., :, None] * kprev[..., None, :]
-              + gamma[..., None, None] * xs[..., :, None] * k[..., None, :])
-        y = torch.einsum("bhpn,bhn->bhp", hn, q)
+        # h <- alpha (h + beta x_prev k_prev^T) + gamma x k^T, in place
+        H.addcmul_((beta[..., None] * xprev)[..., :, None], kprev[..., None, :]).mul_(alpha)
+        H.addcmul_((gamma[..., None] * xs)[..., :, None], k[..., None, :])
+        y = torch.matmul(H, q[..., None])[..., 0]                    # h q (b, h, p)
         if D is not None:
             y = y + D.to(sd)[:, None] * xs
-    return y.to(x.dtype), (angle, hn, k, xs)
+        kprev.copy_(k)
+        xprev.copy_(xs)
+    return y.to(x.dtype), (angle, H, kprev, xprev)
