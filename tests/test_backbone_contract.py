@@ -72,6 +72,17 @@ def sizes_and_options(draw, name: str):
         d_model = draw(st.integers(2, 16))
         opts.update(num_heads=draw(st.sampled_from([None, 1, 2, 3])), expand_v=draw(st.sampled_from([1, 2])),
                     conv_size=draw(st.integers(1, 4)), chunk_size=draw(st.sampled_from([None, 1, 3, 4, 8])))
+    elif name == "rwkv7":
+        d_model = draw(st.integers(2, 16))
+        opts.update(head_size=draw(st.sampled_from([None] + [h for h in (1, 2, 4, 8) if d_model % h == 0])),
+                    ffn_dim=draw(st.sampled_from([None, 3, 16])), chunk_size=draw(st.sampled_from([None, 1, 2, 4])))
+    elif name == "mamba3":
+        d_model = draw(st.integers(2, 12))
+        d_inner = 2 * d_model
+        k = draw(st.sampled_from([k for k in (1, 2, 3, 4) if d_inner % k == 0]))   # heads
+        opts.update(headdim=d_inner // k, ngroups=draw(st.sampled_from([g for g in (1, 2) if k % g == 0])),
+                    d_state=draw(st.sampled_from([4, 6, 8])), rope_fraction=draw(st.sampled_from([0.5, 1.0])),
+                    chunk_size=draw(st.sampled_from([None, 2, 4, 8])), outproj_norm=draw(st.booleans()))
     else:  # gru, and third-party backbones with only the uniform options
         d_model = draw(st.integers(2, 16))
     return d_model, _only_accepted(name, opts)
@@ -117,7 +128,9 @@ def _fixed_sizes(name: str) -> tuple[int, dict]:
             "mamba2": {"headdim": 8, "d_state": 8, "chunk_size": 4},
             "mamba": {"d_state": 8, "chunk_size": 4},
             "mlstm": {"round_to": 16, "chunk_size": 4},
-            "gated_deltanet": {"chunk_size": 4}}.get(name, {})
+            "gated_deltanet": {"chunk_size": 4},
+            "rwkv7": {"chunk_size": 4},
+            "mamba3": {"headdim": 8, "d_state": 8, "chunk_size": 4}}.get(name, {})
     return 16, _only_accepted(name, opts)
 
 
