@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positive
 from wmbench.backbones.ops.cuda import want_cuda
@@ -46,34 +47,52 @@ def _sd(t: torch.Tensor) -> torch.dtype:
 class _BlockDiagonalFn(torch.autograd.Function):
     """y[m, b, o] = sum_d W[b, o, d] x[m, b, d] over nb blocks; x (M, nb, din), W (nb, dout, din).
 
-    The backward is written by hand: autograd's einsum backward computes dW as a batched matmul that
-    needs (nb, din, M) transposed copies of x and dy; here dW is the outer products dy x^T of a slab
-    of rows, reduced over the rows by one vector-matrix product (the slab stays in cache).
+    Blocks of 4x4 (xlstm's) are far too small for a matmul kernel, and einsum's batched form first
+    copies x into (nb, M, din). Here G neighbouring blocks form one dense (G din, G dout) block-diagonal
+    matrix, and one batched matmul runs over the nb / G groups straight on strided views of x and dy:
+    G times the (tiny) arithmetic, in a few large kernels. The backward is the same two products
+    (dx = dy W_g, dW_g = x^T dy), from which the diagonal blocks of dW_g are kept.
+    G = 4 measured fastest (forward 0.10 s against einsum's 0.18 s; M = 26,624, 1,024 channels, 2 threads,
+    AMD EPYC, with the copy back to (M, nb, dout)).
     """
+    GROUP = 4
+
+    @staticmethod
+    def _dense(w, G):
+        """(nb, dout, din) -> (nb / G, G din, G dout): the groups' block-diagonal matrices, transposed."""
+        nb, dout, din = w.shape
+        Wg = w.new_zeros(nb // G, G * din, G * dout)
+        wv = w.view(nb // G, G, dout, din)
+        for i in range(G):
+            Wg[:, i * din:(i + 1) * din, i * dout:(i + 1) * dout] = wv[:, i].transpose(1, 2)
+        return Wg
 
     @staticmethod
     def forward(ctx, x, w):
+        M, nb, din = x.shape
+        dout = w.shape[1]
+        G = _BlockDiagonalFn.GROUP if nb % _BlockDiagonalFn.GROUP == 0 else 1
+        xg = x.reshape(M, nb // G, G * din).transpose(0, 1)            # (ng, M, G din) strided view
+        y = torch.bmm(xg, _BlockDiagonalFn._dense(w, G))                # (ng, M, G dout)
         ctx.save_for_backward(x, w)
-        return torch.einsum("mbd,bod->mbo", x, w)
+        ctx.G = G
+        return y.transpose(0, 1).reshape(M, nb, dout)                   # one copy back to (M, nb, dout)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.einsum("mbo,bod->mbd", dy, w)
-        M, nb, dout = dy.shape
-        din = x.shape[-1]
-        dw = torch.zeros(nb * dout * din, dtype=torch.promote_types(dy.dtype, torch.float32), device=dy.device)
-        rows = max(1, (1 << 18) // (nb * dout * din))          # a slab of outer products of ~1 MB (fp32)
-        ones = torch.ones(rows, dtype=dy.dtype, device=dy.device)
-        tmp = torch.empty(rows, nb, dout, din, dtype=dy.dtype, device=dy.device)
-        for m0 in range(0, M, rows):
-            dys, xs = dy[m0:m0 + rows], x[m0:m0 + rows]
-            n = dys.shape[0]
-            torch.mul(dys[..., None], xs[..., None, :], out=tmp[:n])           # (n, nb, dout, din)
-            dw += ones[:n] @ tmp[:n].view(n, -1)
-        dw = dw.view(nb, dout, din)
-        return dx, dw.to(w.dtype)
+        G = ctx.G
+        M, nb, din = x.shape
+        dout = w.shape[1]
+        ng = nb // G
+        dyg = dy.reshape(M, ng, G * dout).transpose(0, 1)               # (ng, M, G dout)
+        dx = torch.bmm(dyg, _BlockDiagonalFn._dense(w, G).transpose(1, 2))   # (ng, M, G din)
+        xg = x.reshape(M, ng, G * din).transpose(0, 1)
+        dWg = torch.bmm(xg.transpose(1, 2), dyg)                        # (ng, G din, G dout)
+        dw = torch.stack([dWg[:, i * din:(i + 1) * din, i * dout:(i + 1) * dout].transpose(1, 2)
+                          for i in range(G)], 1).reshape(nb, dout, din)
+        return dx.transpose(0, 1).reshape(M, nb, din), dw.to(w.dtype)
 
 
 class BlockDiagonal(nn.Module):
