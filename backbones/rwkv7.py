@@ -74,7 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from wmbench.backbones.base import MLP, RMSNorm, ResidualBackbone, check_kernel, check_positive
+from wmbench.backbones.base import Block, RMSNorm, ResidualBackbone, check_kernel, check_positive
 from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.rwkv7 import rwkv7 as rwkv7_scan
 from wmbench.backbones.ops.rwkv7 import rwkv7_step
@@ -440,29 +440,16 @@ class RWKV7ChannelMix(nn.Module):
         return self.value(torch.relu(k).square()), last.copy_(x_t)
 
 
-class RWKV7Block(nn.Module):
+class RWKV7Block(Block):
     """x <- x + Dropout(TimeMix(RMSNorm(x), v_first)); x <- x + Dropout(ChannelMix(RMSNorm(x)));
     then the shared stack's optional MLP branch (d_intermediate > 0). State: (time mix's last x, S,
     channel mix's last x)."""
 
     def __init__(self, d_model: int, mixer: RWKV7TimeMix, cmix: RWKV7ChannelMix, d_intermediate: int,
                  dropout: float, eps: float):
-        super().__init__()
-        self.norm = RMSNorm(d_model, eps=eps)
-        self.mixer = mixer
+        super().__init__(d_model, mixer, d_intermediate, dropout, eps)   # norm, mixer, drop, optional MLP
         self.cmix_norm = RMSNorm(d_model, eps=eps)
         self.cmix = cmix
-        self.drop = nn.Dropout(dropout)
-        if d_intermediate > 0:
-            self.norm2 = RMSNorm(d_model, eps=eps)
-            self.mlp = MLP(d_model, d_intermediate)
-        else:
-            self.norm2 = self.mlp = None
-
-    def _mlp(self, x):
-        if self.mlp is not None:
-            x = x + self.drop(self.mlp(self.norm2(x)))
-        return x
 
     def forward(self, x, v_first):
         y, v_first = self.mixer(self.norm(x), v_first)
