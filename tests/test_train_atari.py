@@ -247,7 +247,7 @@ def test_cli_unknown_game_gives_one_line_error():
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["--backbone", "lstm"], "unknown backbone 'lstm'; valid choices: gru, mamba, mamba2, transformer"),
+    (["--backbone", "lstm"], "unknown backbone 'lstm'; valid choices: gated_deltanet, gru, mamba, mamba2, mamba3, mlstm, rwkv7, transformer"),
     (["--sampler", "prioritized"], "unknown sampler 'prioritized'; valid choices: uniform, dfs"),
     (["--size", "XXL"], "unknown size 'XXL'"),
     (["--preset", "huge"], "unknown preset 'huge'"),

@@ -147,20 +147,11 @@ class OursMissing(Exception):
 
 
 def ours_available(impl: str) -> str:
-    """Our backbone name of `impl` ("ours:rwkv7" -> "rwkv7"), registering it from wmbench.backbones.<name>
-    if the package's __init__ does not; OursMissing if there is no such backbone."""
-    import wmbench
+    """Our backbone name of `impl` ("ours:rwkv7" -> "rwkv7"); OursMissing if it is not registered."""
+    from wmbench.core.registry import list_backbones
     name = impl.split(":", 1)[1]
-    if name in wmbench.list_backbones():
-        return name
-    try:
-        importlib.import_module(f"wmbench.backbones.{name}")
-    except Exception as e:  # noqa: BLE001 - absent, or broken while it is being written: not usable here
-        raise OursMissing(f"our backbone {name!r} is not in this wmbench (wmbench.backbones.{name}: "
-                          f"{type(e).__name__}: {_core()._first_line(e)})") from None
-    if name not in wmbench.list_backbones():
-        raise OursMissing(f"our backbone {name!r} is not registered (importing wmbench.backbones.{name} "
-                          "did not register it)")
+    if name not in list_backbones():
+        raise OursMissing(f"our backbone {name!r} is not registered in this wmbench")
     return name
 
 
