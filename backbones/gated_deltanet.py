@@ -53,15 +53,11 @@ from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.delta_rule import gated_delta_rule, gated_delta_rule_step
 from wmbench.backbones.short_conv import ShortConv
 from wmbench.core.registry import register_backbone
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 CUDA_MODULE = "fla.ops.gated_delta_rule"
 L2NORM_EPS = 1e-6          # fla's l2norm: x / sqrt(sum x^2 + eps)
 FLA_RECURRENT_MAX_LEN = 64  # fla's layer switches to the fused recurrent kernel up to this length
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """Dtype of gates, states and norms: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:

@@ -24,11 +24,7 @@ from wmbench.backbones.base import ResidualBackbone, check_kernel, check_positiv
 from wmbench.backbones.ops.causal_conv import conv_backward, conv_forward
 from wmbench.backbones.ops.ssd import ssd_chunk_backward, ssd_chunk_forward, ssd_scan
 from wmbench.core.registry import register_backbone
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """Dtype of decays, states and norms: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 
 class RMSNormGated(nn.Module):

@@ -43,13 +43,9 @@ from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.mamba3 import init_state as op_init_state
 from wmbench.backbones.ops.mamba3 import mamba3_siso, mamba3_siso_step
 from wmbench.core.registry import register_backbone
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 MAMBA3_CUDA_MODULE = "mamba_ssm.ops.triton.mamba3.mamba3_siso_combined"
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """Dtype of decays, states and norms: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def heavy_tail(v: torch.Tensor) -> torch.Tensor:

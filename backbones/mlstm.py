@@ -37,11 +37,7 @@ from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.mlstm import mlstm, mlstm_step
 from wmbench.backbones.short_conv import ShortConv
 from wmbench.core.registry import register_backbone
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """Dtype of gates and norms: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 
 class _BlockDiagonalFn(torch.autograd.Function):

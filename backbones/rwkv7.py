@@ -79,16 +79,12 @@ from wmbench.backbones.ops.cuda import want_cuda
 from wmbench.backbones.ops.rwkv7 import rwkv7 as rwkv7_scan
 from wmbench.backbones.ops.rwkv7 import rwkv7_step
 from wmbench.core.registry import register_backbone
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 CUDA_MODULE = "fla.ops.rwkv7"
 FLA_RECURRENT_MAX_LEN = 64      # fla's layer uses the fused recurrent kernel below this length
 LOG_DECAY_SCALE = math.exp(-0.5)   # log decay = -exp(-1/2) sigmoid(.), in (-0.607, 0)
 OPTIONS = ("head_size", "ffn_dim", "chunk_size")
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """Dtype of gates, states and norms: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def default_head_size(d_model: int) -> int:

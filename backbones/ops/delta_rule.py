@@ -51,10 +51,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-
-def _compute_dtype(v: torch.Tensor) -> torch.dtype:
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
+from wmbench.backbones.ops.dtypes import state_dtype as _compute_dtype
 
 
 class DecayRatios(torch.autograd.Function):

@@ -66,14 +66,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from wmbench.backbones.ops.dtypes import state_dtype as _sd
 
 
 TWO_PI = 2 * math.pi
-
-
-def _sd(t: torch.Tensor) -> torch.dtype:
-    """State / compute dtype: fp32, or fp64 for fp64 tensors (exact tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _decay_blocks(cs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

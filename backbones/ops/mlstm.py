@@ -47,11 +47,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from wmbench.backbones.ops.dtypes import state_dtype as _compute_dtype
 
 
 def _initial_state(state, B, H, K, V, dtype, device):
